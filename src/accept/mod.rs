@@ -1,0 +1,119 @@
+//! Accept stage: the listening sockets. Each core gets its own SO_REUSEPORT listener for
+//! every TCP input and its own socket for every UDP input, so the kernel spreads
+//! connections and datagrams over the cores with no hand-off between them.
+//!
+//! Addresses are resolved once, up front: a reservation socket binds each input's address
+//! (so port 0 becomes one real port for every core, and a taken port is reported before
+//! any core starts), and is dropped once the cores have bound their own.
+
+pub mod uring;
+
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Config, InputKind};
+
+/// What one core listens on.
+pub struct CoreSockets {
+    /// `(input index, address)`: the core binds its own listener there.
+    pub tcp: Vec<(usize, SocketAddr)>,
+    /// `(input index, socket)`: bound already, one per core.
+    pub udp: Vec<(usize, Socket)>,
+}
+
+/// The resolved addresses and each core's sockets.
+pub struct Bound {
+    /// Per input, the address actually bound.
+    pub addrs: Vec<SocketAddr>,
+    pub cores: Vec<CoreSockets>,
+    /// Held until every core has bound its listeners.
+    pub reservations: Vec<Socket>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("inputs.{input}.address: cannot bind {addr} ({proto}): {source}")]
+pub struct BindError {
+    input: String,
+    addr: SocketAddr,
+    proto: &'static str,
+    source: std::io::Error,
+}
+
+fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+pub fn uses_tcp(kind: &InputKind) -> bool {
+    match kind {
+        InputKind::Forward { .. } => true,
+        InputKind::JsonLines { tcp, .. } => *tcp,
+    }
+}
+
+pub fn uses_udp(kind: &InputKind) -> bool {
+    match kind {
+        InputKind::Forward { heartbeat, .. } => *heartbeat,
+        InputKind::JsonLines { udp, .. } => *udp,
+    }
+}
+
+/// Resolves every input's address and creates each core's datagram sockets.
+pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
+    let workers = cfg.engine.workers;
+    let mut bound = Bound {
+        addrs: Vec::new(),
+        cores: (0..workers)
+            .map(|_| CoreSockets {
+                tcp: vec![],
+                udp: vec![],
+            })
+            .collect(),
+        reservations: Vec::new(),
+    };
+    for (i, input) in cfg.inputs.iter().enumerate() {
+        let fail = |addr, proto, source| BindError {
+            input: input.name.clone(),
+            addr,
+            proto,
+            source,
+        };
+        let mut addr = input.address;
+        if uses_tcp(&input.kind) {
+            let r = socket(addr, Type::STREAM, Protocol::TCP).map_err(|e| fail(addr, "TCP", e))?;
+            addr = r
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| fail(addr, "TCP", std::io::Error::other("no local address")))?;
+            bound.reservations.push(r);
+            for core in &mut bound.cores {
+                core.tcp.push((i, addr));
+            }
+        }
+        if uses_udp(&input.kind) {
+            for core in &mut bound.cores {
+                let s =
+                    socket(addr, Type::DGRAM, Protocol::UDP).map_err(|e| fail(addr, "UDP", e))?;
+                if addr.port() == 0 {
+                    addr = s
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .ok_or_else(|| {
+                            fail(addr, "UDP", std::io::Error::other("no local address"))
+                        })?;
+                }
+                core.udp.push((i, s));
+            }
+        }
+        bound.addrs.push(addr);
+    }
+    Ok(bound)
+}

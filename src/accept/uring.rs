@@ -1,0 +1,395 @@
+//! The io_uring I/O loop: one glommio executor per core runs that core's listeners,
+//! connections and datagram sockets, and the pump that moves its batches and completions.
+//! Everything between the socket and the ring is the shared, runtime-free code in `conn`
+//! and `shard`.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream, UdpSocket};
+use glommio::sync::Gate;
+use glommio::timer::sleep;
+
+use super::CoreSockets;
+use crate::config::{Config, InputKind};
+use crate::conn::{Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram};
+use crate::decode::jsonl::JsonParser;
+use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
+use crate::metrics::Reporter;
+use crate::shard::{Phase, Shard, SinkRings};
+
+/// Everything one core starts from.
+pub struct CoreCtx {
+    pub core: usize,
+    pub cfg: Arc<Config>,
+    pub sockets: CoreSockets,
+    pub rings: Vec<SinkRings>,
+    pub reporter: Reporter,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub ready: crossbeam_channel::Sender<Result<(), String>>,
+}
+
+type Shared = Rc<RefCell<Shard>>;
+
+/// Runs one core until shutdown has run its course.
+pub async fn run(ctx: CoreCtx) {
+    let CoreCtx {
+        core,
+        cfg,
+        sockets,
+        rings,
+        reporter,
+        mut shutdown,
+        ready,
+    } = ctx;
+    let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
+    let gate = Gate::new();
+    let mut inputs = Vec::new();
+    for (i, addr) in sockets.tcp {
+        let input = &cfg.inputs[i];
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "inputs.{}.address: core {core} cannot listen on {addr}: {e}",
+                    input.name
+                )));
+                return;
+            }
+        };
+        let limit = input.max_connections.div_ceil(cfg.engine.workers);
+        inputs.push(glommio::spawn_local(accept(
+            listener,
+            input.kind.clone(),
+            limit,
+            shard.clone(),
+            gate.clone(),
+        )));
+    }
+    for (i, sock) in sockets.udp {
+        let sock = UdpSocket::from(sock);
+        let source = match Proto::of(&cfg.inputs[i].kind) {
+            Proto::Json { source, .. } => Some(source),
+            Proto::Forward { .. } => None,
+        };
+        inputs.push(glommio::spawn_local(datagrams(sock, source, shard.clone())));
+    }
+    let report_every = cfg.engine.stats_interval.min(Duration::from_secs(1));
+    let pump = glommio::spawn_local(pump(
+        shard.clone(),
+        reporter.clone(),
+        Shard::tick(&cfg),
+        report_every,
+    ));
+    let _ = ready.send(Ok(()));
+
+    let _ = shutdown.wait_for(|stop| *stop).await;
+
+    // The documented order: stop accepting, read open connections for the input grace,
+    // seal everything, drain until the deadline, write the final acks, leave.
+    for t in inputs {
+        t.cancel().await;
+    }
+    let grace_end = Instant::now() + cfg.engine.input_grace;
+    while Instant::now() < grace_end && shard.borrow().connections() > 0 {
+        sleep(Duration::from_millis(10)).await;
+    }
+    shard.borrow_mut().set_phase(Phase::Draining);
+    shard.borrow_mut().seal_all();
+    let deadline = Instant::now() + cfg.engine.drain_timeout;
+    while Instant::now() < deadline && !shard.borrow().idle() {
+        sleep(Duration::from_millis(10)).await;
+    }
+    if !shard.borrow().idle() {
+        tracing::warn!(
+            core,
+            "Drain timeout reached; unsent events are not acked, so clients that use acks resend them"
+        );
+    }
+    shard.borrow_mut().set_phase(Phase::Closing);
+    let _ = gate.close().await;
+    pump.cancel().await;
+    shard.borrow().report(&reporter);
+}
+
+/// Moves batches and completions, seals lingering batches, and reports counters.
+async fn pump(shard: Shared, reporter: Reporter, tick: Duration, report_every: Duration) {
+    let mut next_report = Instant::now() + report_every;
+    loop {
+        // The pump does its work whenever a ring wakes it; the timer bounds linger.
+        futures_lite::future::or(
+            poll_fn(|cx| {
+                shard.borrow_mut().poll_pump(cx);
+                Poll::<()>::Pending
+            }),
+            async {
+                sleep(tick).await;
+            },
+        )
+        .await;
+        let now = Instant::now();
+        shard.borrow_mut().seal_due(now);
+        if now >= next_report {
+            shard.borrow().report(&reporter);
+            next_report = now + report_every;
+        }
+    }
+}
+
+/// How an input's connections speak, fixed when its listener starts.
+enum Proto {
+    Forward {
+        max_frame: usize,
+        max_inflated: usize,
+    },
+    Json {
+        max_line: usize,
+        source: Rc<JsonSource>,
+    },
+}
+
+impl Proto {
+    fn of(kind: &InputKind) -> Proto {
+        match kind {
+            InputKind::Forward {
+                max_frame_bytes,
+                max_decompressed_bytes,
+                ..
+            } => Proto::Forward {
+                max_frame: *max_frame_bytes,
+                max_inflated: *max_decompressed_bytes,
+            },
+            InputKind::JsonLines {
+                max_line_bytes,
+                tag,
+                tag_key,
+                ..
+            } => Proto::Json {
+                max_line: *max_line_bytes,
+                source: Rc::new(JsonSource {
+                    tag: tag.clone(),
+                    tag_key: tag_key.clone(),
+                }),
+            },
+        }
+    }
+}
+
+async fn accept(listener: TcpListener, kind: InputKind, limit: usize, shard: Shared, gate: Gate) {
+    let proto = Proto::of(&kind);
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or similar: say so, back off, and go on.
+                tracing::warn!(error = %e, "Accept failed");
+                sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.get() >= limit {
+            shard.borrow_mut().counters.connections_refused += 1;
+            tracing::warn!(
+                limit,
+                "Refusing a connection: the input is at max_connections on this core"
+            );
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (shard, open) = (shard.clone(), open.clone());
+        let task = match &proto {
+            Proto::Forward {
+                max_frame,
+                max_inflated,
+            } => {
+                let conn = ForwardConn::new(*max_frame, *max_inflated);
+                gate.spawn(async move {
+                    serve(stream, conn, &shard).await;
+                    open.set(open.get() - 1);
+                })
+            }
+            Proto::Json { max_line, source } => {
+                let conn = JsonConn::new(*max_line, source.clone());
+                gate.spawn(async move {
+                    serve(stream, conn, &shard).await;
+                    open.set(open.get() - 1);
+                })
+            }
+        };
+        // The gate is closed only at shutdown, after this task was cancelled.
+        if let Ok(t) = task {
+            t.detach();
+        }
+    }
+}
+
+/// What woke a connection.
+enum Wake {
+    Read(usize),
+    Unblocked,
+    Stop,
+    Failed(std::io::Error),
+}
+
+/// Serves one connection until the peer leaves, the input turns out broken, or shutdown.
+async fn serve<C: Conn>(mut stream: TcpStream, mut conn: C, shard: &Shared) {
+    let _ = stream.set_nodelay(true);
+    let link = conn.link().clone();
+    link.peer.set(stream.peer_addr().ok());
+    shard.borrow_mut().open_link(&link);
+    loop {
+        let progress = conn.process(&mut shard.borrow_mut());
+        match progress {
+            Progress::Close(e) => {
+                shard
+                    .borrow_mut()
+                    .refused(e, "Closing a connection", link.peer.get());
+                break;
+            }
+            Progress::Yield => {
+                glommio::yield_if_needed().await;
+                continue;
+            }
+            Progress::Read | Progress::Blocked => {}
+        }
+        let blocked = progress == Progress::Blocked;
+        let wake = poll_fn(|cx| poll_conn(cx, &mut stream, &mut conn, &link, shard, blocked)).await;
+        match wake {
+            Wake::Read(0) => {
+                conn.finish(&mut shard.borrow_mut());
+                settle_acks(&mut stream, &link, shard).await;
+                break;
+            }
+            Wake::Read(n) => {
+                conn.filled(n);
+                shard.borrow_mut().counters.bytes_in += n as u64;
+            }
+            Wake::Unblocked => {}
+            Wake::Stop => {
+                settle_acks(&mut stream, &link, shard).await;
+                break;
+            }
+            Wake::Failed(e) => {
+                tracing::debug!(error = %e, "Connection failed");
+                break;
+            }
+        }
+    }
+    shard.borrow_mut().close_link(&link);
+}
+
+/// Writes pending acks, then waits for input, for the shard to unblock, or for shutdown.
+fn poll_conn<C: Conn>(
+    cx: &mut Context<'_>,
+    stream: &mut TcpStream,
+    conn: &mut C,
+    link: &Rc<Link>,
+    shard: &Shared,
+    blocked: bool,
+) -> Poll<Wake> {
+    link.set_waker(cx.waker());
+    if let Err(e) = poll_write_acks(cx, stream, link) {
+        return Poll::Ready(Wake::Failed(e));
+    }
+    let mut s = shard.borrow_mut();
+    if s.phase != Phase::Running {
+        return Poll::Ready(Wake::Stop);
+    }
+    if s.blocked() {
+        s.park(link);
+        return Poll::Pending;
+    }
+    drop(s);
+    if blocked {
+        return Poll::Ready(Wake::Unblocked);
+    }
+    match Pin::new(stream).poll_read(cx, conn.read_buf()) {
+        Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+        Poll::Ready(Err(e)) => Poll::Ready(Wake::Failed(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Writes as many pending ack bytes as the socket takes now.
+fn poll_write_acks(
+    cx: &mut Context<'_>,
+    stream: &mut TcpStream,
+    link: &Link,
+) -> std::io::Result<()> {
+    while link.has_acks() {
+        let r = link.write_acks(|b| match Pin::new(&mut *stream).poll_write(cx, b) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(0),
+        })?;
+        if r == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// After the peer's end of input or at shutdown: waits until every chunk of this
+/// connection is acked (or the core is out of time) and writes the acks.
+async fn settle_acks(stream: &mut TcpStream, link: &Rc<Link>, shard: &Shared) {
+    poll_fn(|cx| {
+        link.set_waker(cx.waker());
+        if poll_write_acks(cx, stream, link).is_err() {
+            return Poll::Ready(());
+        }
+        let settled = link.outstanding() == 0 && !link.has_acks();
+        if settled || shard.borrow().phase == Phase::Closing {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    })
+    .await;
+    let _ = futures_lite::io::AsyncWriteExt::flush(stream).await;
+}
+
+/// Reads one UDP socket: Forward heartbeats are answered; JSON lines are ingested, one
+/// or more per datagram. Stops reading while the shard is blocked (the kernel then drops
+/// datagrams, as UDP allows).
+async fn datagrams(sock: UdpSocket, source: Option<Rc<JsonSource>>, shard: Shared) {
+    let mut buf = vec![0u8; MAX_DATAGRAM + JSON_PADDING];
+    let mut parser = JsonParser::default();
+    let link = Rc::new(Link::default());
+    loop {
+        poll_fn(|cx| {
+            link.set_waker(cx.waker());
+            let mut s = shard.borrow_mut();
+            if s.blocked() {
+                s.park(&link);
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        let (n, peer) = match sock.recv_from(&mut buf[..MAX_DATAGRAM]).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "Receiving a datagram failed");
+                sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match &source {
+            None => {
+                shard.borrow_mut().counters.heartbeats += 1;
+                let _ = sock.send_to(HEARTBEAT_REPLY, peer).await;
+            }
+            Some(source) => {
+                let mut s = shard.borrow_mut();
+                s.counters.bytes_in += n as u64;
+                ingest_datagram(&mut s, &mut parser, &mut buf, n, source, peer);
+            }
+        }
+    }
+}

@@ -1,0 +1,721 @@
+//! Config stage: the TOML file's serde types, and their validation into [`Config`], the
+//! engine's only input. Errors name the offending key. The hot path never sees this module's
+//! file types; it reads the validated values the engine was built from.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::batch::BatchLimits;
+use crate::batch::shape::{Format, Literal, ShapeConfig, TimeFormat};
+use crate::limits::MAX_FRAME_CEILING;
+
+/// The configuration `sluice` runs when given none.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A configuration error: the key it concerns and what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {msg}")]
+pub struct ConfigError {
+    pub key: String,
+    pub msg: String,
+}
+
+fn err(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+// ---- the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    engine: EngineFile,
+    #[serde(default)]
+    inputs: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    sinks: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    routes: Vec<toml::Table>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EngineFile {
+    workers: Option<usize>,
+    stats_interval: Option<Dur>,
+    input_grace: Option<Dur>,
+    drain_timeout: Option<Dur>,
+    ring_capacity: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardFile {
+    address: Option<String>,
+    max_frame_bytes: Option<Size>,
+    max_decompressed_bytes: Option<Size>,
+    heartbeat: Option<bool>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLinesFile {
+    address: Option<String>,
+    tcp: Option<bool>,
+    udp: Option<bool>,
+    tag: Option<String>,
+    tag_key: Option<String>,
+    max_line_bytes: Option<Size>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StdoutFile {
+    batch_bytes: Option<Size>,
+    linger: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSinkFile {
+    path: PathBuf,
+    rotate_bytes: Option<Size>,
+    rotate_age: Option<Dur>,
+    batch_bytes: Option<Size>,
+    linger: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullFile {
+    batch_bytes: Option<Size>,
+    linger: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    #[serde(rename = "match")]
+    patterns: Patterns,
+    sinks: OneOrMany,
+    format: Option<String>,
+    tag_key: Option<String>,
+    time_key: Option<String>,
+    time_format: Option<String>,
+    log_key: Option<String>,
+    #[serde(default)]
+    remove_keys: Vec<String>,
+    #[serde(default)]
+    add_fields: BTreeMap<String, toml::Value>,
+}
+
+/// `"a.* b.**"` or `["a.*", "b.**"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Patterns {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A duration such as `"200ms"` or `"1h"`.
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"200ms\", \"5s\" or \"1h\""
+            ))
+        })
+    }
+}
+
+/// A byte size: an integer, or a string such as `"512KiB"`, `"8MiB"`, `"1GB"`.
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => parse_size(&s).map(Size).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {s:?}; write a number of bytes or e.g. \"512KiB\", \"8MiB\", \"1GB\""
+                ))
+            }),
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+// ---- the validated config ----
+
+/// A validated configuration: the engine's only input.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub engine: Engine,
+    pub inputs: Vec<Input>,
+    pub sinks: Vec<Sink>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Engine {
+    /// Cores to run, each with its own listeners.
+    pub workers: usize,
+    pub stats_interval: Duration,
+    /// After a shutdown signal, how long open connections are still read.
+    pub input_grace: Duration,
+    /// How long to wait for the sinks to take what was read, before exiting anyway.
+    pub drain_timeout: Duration,
+    /// Batches each core may have queued for each sink.
+    pub ring_capacity: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub name: String,
+    pub address: SocketAddr,
+    pub max_connections: usize,
+    pub kind: InputKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum InputKind {
+    Forward {
+        max_frame_bytes: usize,
+        max_decompressed_bytes: usize,
+        /// Answer UDP heartbeats on the same port.
+        heartbeat: bool,
+    },
+    JsonLines {
+        tcp: bool,
+        udp: bool,
+        tag: String,
+        tag_key: Option<String>,
+        max_line_bytes: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Sink {
+    pub name: String,
+    pub kind: SinkKind,
+    pub batch: BatchLimits,
+}
+
+#[derive(Clone, Debug)]
+pub enum SinkKind {
+    Stdout,
+    File {
+        path: PathBuf,
+        rotate_bytes: Option<u64>,
+        rotate_age: Option<Duration>,
+    },
+    Null,
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub patterns: Vec<String>,
+    /// Indexes into [`Config::sinks`].
+    pub sinks: Vec<usize>,
+    pub shape: ShapeConfig,
+}
+
+impl Config {
+    /// Parses and validates a config file's text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| err("config", e.to_string().trim_end().to_string()))?;
+        validate(file)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        Config::parse(&text)
+    }
+
+    /// The embedded default.
+    pub fn default_config() -> Config {
+        Config::parse(DEFAULT_CONFIG).expect("the embedded default config is valid")
+    }
+}
+
+/// Deserializes one table of the file, naming it in errors.
+fn typed<T: DeserializeOwned>(key: &str, table: toml::Table) -> Result<T, ConfigError> {
+    T::deserialize(toml::Value::Table(table))
+        .map_err(|e| err(key, e.to_string().trim_end().to_string()))
+}
+
+fn take_type(key: &str, table: &mut toml::Table) -> Result<String, ConfigError> {
+    match table.remove("type") {
+        Some(toml::Value::String(s)) => Ok(s),
+        Some(_) => Err(err(format!("{key}.type"), "must be a string")),
+        None => Err(err(format!("{key}.type"), "missing")),
+    }
+}
+
+fn address(key: &str, s: Option<String>, port: u16) -> Result<SocketAddr, ConfigError> {
+    let s = s.unwrap_or_else(|| format!("0.0.0.0:{port}"));
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            err(
+                format!("{key}.address"),
+                format!("{s:?} is not a host:port address"),
+            )
+        })
+}
+
+fn bounded(
+    key: &str,
+    v: Option<Size>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<usize, ConfigError> {
+    let v = v.map_or(default, |s| s.0);
+    if v < min || v > max {
+        return Err(err(
+            key,
+            format!("{v} is out of range ({min} to {max} bytes)"),
+        ));
+    }
+    Ok(v as usize)
+}
+
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+fn validate(file: FileConfig) -> Result<Config, ConfigError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let e = file.engine;
+    let workers = e.workers.unwrap_or(cores);
+    if workers == 0 || workers > 1024 {
+        return Err(err(
+            "engine.workers",
+            format!("{workers} is out of range (1 to 1024)"),
+        ));
+    }
+    let ring_capacity = e.ring_capacity.unwrap_or(4);
+    if ring_capacity == 0 || ring_capacity > 1024 {
+        return Err(err(
+            "engine.ring_capacity",
+            format!("{ring_capacity} is out of range (1 to 1024)"),
+        ));
+    }
+    let stats_interval = e.stats_interval.map_or(Duration::from_secs(60), |d| d.0);
+    if stats_interval.is_zero() {
+        return Err(err("engine.stats_interval", "must be more than zero"));
+    }
+    let engine = Engine {
+        workers,
+        stats_interval,
+        input_grace: e.input_grace.map_or(Duration::from_secs(2), |d| d.0),
+        drain_timeout: e.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+        ring_capacity,
+    };
+
+    let mut inputs = Vec::new();
+    for (name, mut table) in file.inputs {
+        let key = format!("inputs.{name}");
+        let kind = take_type(&key, &mut table)?;
+        let input = match kind.as_str() {
+            "forward" => {
+                let f: ForwardFile = typed(&key, table)?;
+                let max_frame_bytes = bounded(
+                    &format!("{key}.max_frame_bytes"),
+                    f.max_frame_bytes,
+                    16 << 20,
+                    1024,
+                    MAX_FRAME_CEILING as u64,
+                )?;
+                Input {
+                    address: address(&key, f.address, crate::limits::FORWARD_PORT)?,
+                    max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    kind: InputKind::Forward {
+                        max_frame_bytes,
+                        max_decompressed_bytes: bounded(
+                            &format!("{key}.max_decompressed_bytes"),
+                            f.max_decompressed_bytes,
+                            64 << 20,
+                            1024,
+                            4 * MAX_FRAME_CEILING as u64,
+                        )?,
+                        heartbeat: f.heartbeat.unwrap_or(true),
+                    },
+                    name,
+                }
+            }
+            "json_lines" => {
+                let f: JsonLinesFile = typed(&key, table)?;
+                let (tcp, udp) = (f.tcp.unwrap_or(true), f.udp.unwrap_or(true));
+                if !tcp && !udp {
+                    return Err(err(
+                        &key,
+                        "tcp and udp are both false, so the input would never listen",
+                    ));
+                }
+                Input {
+                    address: address(&key, f.address, crate::limits::JSON_LINES_PORT)?,
+                    max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    kind: InputKind::JsonLines {
+                        tcp,
+                        udp,
+                        tag: f.tag.unwrap_or_else(|| name.clone()),
+                        tag_key: f.tag_key,
+                        max_line_bytes: bounded(
+                            &format!("{key}.max_line_bytes"),
+                            f.max_line_bytes,
+                            1 << 20,
+                            64,
+                            MAX_FRAME_CEILING as u64,
+                        )?,
+                    },
+                    name,
+                }
+            }
+            other => {
+                return Err(err(
+                    format!("{key}.type"),
+                    format!(
+                        "unknown input type {other:?}; the input types are \"forward\" and \"json_lines\""
+                    ),
+                ));
+            }
+        };
+        if input.max_connections == 0 {
+            return Err(err(format!("{key}.max_connections"), "must be at least 1"));
+        }
+        inputs.push(input);
+    }
+    if inputs.is_empty() {
+        return Err(err(
+            "inputs",
+            "no inputs are defined, so nothing would be received",
+        ));
+    }
+    // Two inputs on one port would share its listeners, each taking the other's traffic.
+    for (i, a) in inputs.iter().enumerate() {
+        for b in &inputs[i + 1..] {
+            if a.address.port() != 0 && a.address.port() == b.address.port() {
+                return Err(err(
+                    format!("inputs.{}.address", b.name),
+                    format!(
+                        "port {} is already used by inputs.{}",
+                        b.address.port(),
+                        a.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    let mut sinks = Vec::new();
+    for (name, mut table) in file.sinks {
+        let key = format!("sinks.{name}");
+        let kind = take_type(&key, &mut table)?;
+        let limits = |bytes: Option<Size>,
+                      linger: Option<Dur>|
+         -> Result<BatchLimits, ConfigError> {
+            Ok(BatchLimits {
+                max_bytes: bounded(&format!("{key}.batch_bytes"), bytes, 1 << 20, 1024, 1 << 30)?,
+                linger: linger.map_or(Duration::from_millis(200), |d| d.0),
+            })
+        };
+        let (kind, batch) = match kind.as_str() {
+            "stdout" => {
+                let f: StdoutFile = typed(&key, table)?;
+                (SinkKind::Stdout, limits(f.batch_bytes, f.linger)?)
+            }
+            "file" => {
+                let f: FileSinkFile = typed(&key, table)?;
+                if f.path.as_os_str().is_empty() || f.path.file_name().is_none() {
+                    return Err(err(format!("{key}.path"), "must name a file"));
+                }
+                if let Some(Size(0)) = f.rotate_bytes {
+                    return Err(err(format!("{key}.rotate_bytes"), "must be more than zero"));
+                }
+                let kind = SinkKind::File {
+                    path: f.path,
+                    rotate_bytes: f.rotate_bytes.map(|s| s.0),
+                    rotate_age: f.rotate_age.map(|d| d.0),
+                };
+                (kind, limits(f.batch_bytes, f.linger)?)
+            }
+            "null" => {
+                let f: NullFile = typed(&key, table)?;
+                (SinkKind::Null, limits(f.batch_bytes, f.linger)?)
+            }
+            "kinesis" | "firehose" => {
+                return Err(err(
+                    format!("{key}.type"),
+                    format!(
+                        "{kind:?} sinks are not available in this version yet; the sink types are \"stdout\", \"file\" and \"null\""
+                    ),
+                ));
+            }
+            other => {
+                return Err(err(
+                    format!("{key}.type"),
+                    format!(
+                        "unknown sink type {other:?}; the sink types are \"stdout\", \"file\" and \"null\""
+                    ),
+                ));
+            }
+        };
+        sinks.push(Sink { name, kind, batch });
+    }
+
+    let mut routes = Vec::new();
+    for (i, table) in file.routes.into_iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let f: RouteFile = typed(&key, table)?;
+        let patterns: Vec<String> = match f.patterns {
+            Patterns::One(s) => s.split_whitespace().map(str::to_string).collect(),
+            Patterns::Many(v) => v
+                .iter()
+                .flat_map(|s| s.split_whitespace())
+                .map(str::to_string)
+                .collect(),
+        };
+        if patterns.is_empty() {
+            return Err(err(format!("{key}.match"), "lists no patterns"));
+        }
+        let names = match f.sinks {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        if names.is_empty() {
+            return Err(err(
+                format!("{key}.sinks"),
+                "lists no sinks; route to a \"null\" sink to drop events",
+            ));
+        }
+        let mut idx = Vec::new();
+        for (j, n) in names.iter().enumerate() {
+            let Some(s) = sinks.iter().position(|s| &s.name == n) else {
+                let known: Vec<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
+                return Err(err(
+                    format!("{key}.sinks[{j}]"),
+                    format!(
+                        "no sink is named {n:?} (the sinks are: {})",
+                        known.join(", ")
+                    ),
+                ));
+            };
+            if idx.contains(&s) {
+                return Err(err(
+                    format!("{key}.sinks[{j}]"),
+                    format!("sink {n:?} is listed twice"),
+                ));
+            }
+            idx.push(s);
+        }
+        let format = match (f.format.as_deref(), &f.log_key) {
+            (None, Some(_)) | (Some("text"), Some(_)) => Format::Text,
+            (Some("text"), None) => {
+                return Err(err(
+                    format!("{key}.log_key"),
+                    "format = \"text\" needs the field to write",
+                ));
+            }
+            (None | Some("json"), None) => Format::Json,
+            (Some("msgpack"), None) => Format::Msgpack,
+            (Some("json" | "msgpack"), Some(_)) => {
+                return Err(err(
+                    format!("{key}.log_key"),
+                    "only applies to format = \"text\"",
+                ));
+            }
+            (Some(other), _) => {
+                return Err(err(
+                    format!("{key}.format"),
+                    format!(
+                        "unknown format {other:?}; the formats are \"json\", \"msgpack\" and \"text\""
+                    ),
+                ));
+            }
+        };
+        let time_format = match f.time_format.as_deref() {
+            None | Some("iso8601") => TimeFormat::Iso8601,
+            Some("double") => TimeFormat::Double,
+            Some("epoch") => TimeFormat::Epoch,
+            Some(other) => {
+                return Err(err(
+                    format!("{key}.time_format"),
+                    format!(
+                        "unknown time format {other:?}; the formats are \"iso8601\", \"double\" and \"epoch\""
+                    ),
+                ));
+            }
+        };
+        if f.time_format.is_some() && f.time_key.is_none() {
+            return Err(err(
+                format!("{key}.time_format"),
+                "has no effect without time_key",
+            ));
+        }
+        let mut add_fields = Vec::new();
+        for (k, v) in f.add_fields {
+            let lit = match v {
+                toml::Value::String(s) => Literal::Str(s),
+                toml::Value::Integer(i) => Literal::Int(i),
+                toml::Value::Float(x) => Literal::Float(x),
+                toml::Value::Boolean(b) => Literal::Bool(b),
+                _ => {
+                    return Err(err(
+                        format!("{key}.add_fields.{k}"),
+                        "must be a string, number or boolean",
+                    ));
+                }
+            };
+            add_fields.push((k, lit));
+        }
+        routes.push(Route {
+            patterns,
+            sinks: idx,
+            shape: ShapeConfig {
+                format,
+                tag_key: f.tag_key,
+                time_key: f.time_key,
+                time_format,
+                log_key: f.log_key,
+                remove_keys: f.remove_keys,
+                add_fields,
+            },
+        });
+    }
+    if routes.is_empty() {
+        return Err(err(
+            "routes",
+            "no routes are defined, so every event would be dropped",
+        ));
+    }
+    for s in &sinks {
+        let used = routes
+            .iter()
+            .any(|r| r.sinks.iter().any(|&i| sinks[i].name == s.name));
+        if !used {
+            tracing::warn!(sink = %s.name, "Sink is not used by any route");
+        }
+    }
+    Ok(Config {
+        engine,
+        inputs,
+        sinks,
+        routes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(s: &str) -> String {
+        Config::parse(s).unwrap_err().to_string()
+    }
+
+    const MIN: &str = r#"
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+[sinks.out]
+type = "stdout"
+[[routes]]
+match = "**"
+sinks = "out"
+"#;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = Config::default_config();
+        assert_eq!(c.inputs.len(), 2);
+        assert_eq!(c.inputs[0].address.port(), 24224);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(Config::parse(MIN).is_ok());
+        let e = parse_err(&MIN.replace("address", "adress"));
+        assert!(e.starts_with("inputs.fwd: unknown field `adress`"), "{e}");
+        let e = parse_err(&MIN.replace("sinks = \"out\"", "sinks = [\"out\", \"nope\"]"));
+        assert!(
+            e.starts_with("routes[0].sinks[1]: no sink is named \"nope\""),
+            "{e}"
+        );
+        let e = parse_err(&MIN.replace("\"stdout\"", "\"s3\""));
+        assert!(
+            e.starts_with("sinks.out.type: unknown sink type \"s3\""),
+            "{e}"
+        );
+        let e = parse_err(&format!("{MIN}\n[engine]\nworkers = 0\n"));
+        assert!(e.starts_with("engine.workers:"), "{e}");
+        let e = parse_err(&MIN.replace("127.0.0.1:0", "nowhere"));
+        assert!(e.starts_with("inputs.fwd.address:"), "{e}");
+        let e = parse_err(&format!("{MIN}format = \"text\"\n"));
+        assert!(e.starts_with("routes[0].log_key:"), "{e}");
+        let e = parse_err(&format!(
+            "{MIN}\n[sinks.f]\ntype = \"file\"\npath = \"/tmp/x\"\nlinger = \"soon\"\n"
+        ));
+        assert!(
+            e.starts_with("sinks.f:") && e.contains("invalid duration"),
+            "{e}"
+        );
+        let e = parse_err("inputs = 3");
+        assert!(e.starts_with("config:") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_patterns() {
+        assert_eq!(parse_size("8MiB"), Some(8 << 20));
+        assert_eq!(parse_size("1GB"), Some(1_000_000_000));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("1 PB"), None);
+        let c = Config::parse(&MIN.replace("match = \"**\"", "match = \"a.* b.**\"")).unwrap();
+        assert_eq!(c.routes[0].patterns, ["a.*", "b.**"]);
+    }
+}

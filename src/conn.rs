@@ -1,0 +1,440 @@
+//! Connection state between reads: the read buffer, the decoder's place in it, and the
+//! [`Link`] through which the shard wakes a connection and hands it acks. The I/O loops
+//! (`accept::uring`) own the sockets; everything here is plain code over bytes, so the same
+//! logic serves every I/O backend and the tests.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::Waker;
+
+use crate::decode::forward::{Decoded, Decoder};
+use crate::decode::jsonl::{Framed, JsonParser, Lines, field_str};
+use crate::decode::{DecodeError, EventTime};
+use crate::limits::{JSON_PADDING, READ_CHUNK};
+use crate::shard::Shard;
+
+/// A growable read buffer: unread bytes live in `buf[start..end]`, and `pad` bytes past
+/// the usable capacity are always readable (simd-json parses in place and needs them).
+pub struct ReadBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    pad: usize,
+    initial: usize,
+    max: usize,
+}
+
+impl ReadBuf {
+    pub fn new(initial: usize, max: usize, pad: usize) -> Self {
+        ReadBuf {
+            buf: vec![0; initial + pad],
+            start: 0,
+            end: 0,
+            pad,
+            initial,
+            max: max.max(initial),
+        }
+    }
+
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// The unread bytes followed by at least `pad` more.
+    #[inline]
+    pub fn data_padded(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+
+    #[inline]
+    pub fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Space for the next read, at least `want` bytes where the limit allows: unread bytes
+    /// move to the front, and the buffer grows up to its maximum.
+    pub fn spare(&mut self, want: usize) -> &mut [u8] {
+        let cap = self.buf.len() - self.pad;
+        if cap - self.end < want && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if cap - self.end < want && cap < self.max {
+            let new_cap = (self.end + want).max(cap * 2).min(self.max);
+            self.buf.resize(new_cap + self.pad, 0);
+        }
+        let cap = self.buf.len() - self.pad;
+        &mut self.buf[self.end..cap]
+    }
+
+    #[inline]
+    pub fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Gives back a buffer grown for a large frame once it is empty again.
+    pub fn shrink(&mut self) {
+        if self.start == self.end && self.buf.len() > self.initial + self.pad {
+            self.buf = vec![0; self.initial + self.pad];
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+/// What the shard shares with one connection task.
+#[derive(Default)]
+pub struct Link {
+    /// Encoded `{"ack": chunk}` replies waiting to be written.
+    acks: RefCell<Vec<u8>>,
+    /// Chunks received and not yet acked.
+    outstanding: Cell<u32>,
+    waker: Cell<Option<Waker>>,
+    /// Waiting in the shard's list of connections to wake when it unblocks.
+    pub(crate) parked: Cell<bool>,
+    /// The peer, for log lines.
+    pub peer: Cell<Option<SocketAddr>>,
+}
+
+impl Link {
+    pub fn chunk_opened(&self) {
+        self.outstanding.set(self.outstanding.get() + 1);
+    }
+
+    /// Queues the ack of a settled chunk and wakes the connection to write it.
+    pub fn ack(&self, chunk: &[u8]) {
+        crate::ack::encode_ack(&mut self.acks.borrow_mut(), chunk);
+        self.outstanding.set(self.outstanding.get() - 1);
+        self.wake();
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.get()
+    }
+
+    pub fn has_acks(&self) -> bool {
+        !self.acks.borrow().is_empty()
+    }
+
+    /// Runs `write` over the pending ack bytes and drops the bytes it reports written.
+    pub fn write_acks<E>(&self, write: impl FnOnce(&[u8]) -> Result<usize, E>) -> Result<usize, E> {
+        let mut acks = self.acks.borrow_mut();
+        let n = write(&acks)?;
+        acks.drain(..n);
+        Ok(n)
+    }
+
+    /// Takes all pending ack bytes.
+    pub fn take_acks(&self) -> Vec<u8> {
+        std::mem::take(&mut self.acks.borrow_mut())
+    }
+
+    /// The task to wake; set on every poll of the connection.
+    pub fn set_waker(&self, w: &Waker) {
+        self.waker.set(Some(w.clone()));
+    }
+
+    pub fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Why a connection's processing stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Everything buffered is consumed; read more.
+    Read,
+    /// The core's batches are held: wait for the shard to unblock before going on.
+    Blocked,
+    /// Processed a turn's worth; yield to other tasks, then go on.
+    Yield,
+    /// The input is broken: close the connection.
+    Close(DecodeError),
+}
+
+/// A connection's protocol side, as the I/O loops drive it.
+pub trait Conn {
+    /// Where the next read goes.
+    fn read_buf(&mut self) -> &mut [u8];
+    /// `n` bytes were read into [`Conn::read_buf`].
+    fn filled(&mut self, n: usize);
+    /// Decodes buffered input and hands its events to the shard.
+    fn process(&mut self, shard: &mut Shard) -> Progress;
+    /// The peer closed its side: deal with whatever is left.
+    fn finish(&mut self, shard: &mut Shard);
+    fn link(&self) -> &Rc<Link>;
+}
+
+/// Bytes processed per turn before a connection yields.
+const TURN: usize = 1 << 20;
+
+/// A Forward protocol connection.
+pub struct ForwardConn {
+    rb: ReadBuf,
+    decoder: Decoder,
+    /// CompressedPackedForward entries are inflated here.
+    inflated: Vec<u8>,
+    max_inflated: usize,
+    /// Bytes the decoder needs before it can go on.
+    need: usize,
+    link: Rc<Link>,
+}
+
+impl ForwardConn {
+    pub fn new(max_frame: usize, max_inflated: usize) -> Self {
+        ForwardConn {
+            rb: ReadBuf::new(READ_CHUNK, max_frame + READ_CHUNK, 0),
+            decoder: Decoder::new(max_frame),
+            inflated: Vec::new(),
+            max_inflated,
+            need: 1,
+            link: Rc::new(Link::default()),
+        }
+    }
+}
+
+impl Conn for ForwardConn {
+    fn read_buf(&mut self) -> &mut [u8] {
+        let want = self
+            .need
+            .saturating_sub(self.rb.data().len())
+            .max(READ_CHUNK);
+        self.rb.spare(want)
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.rb.filled(n);
+    }
+
+    fn process(&mut self, shard: &mut Shard) -> Progress {
+        let mut budget = TURN;
+        loop {
+            if shard.blocked() {
+                return Progress::Blocked;
+            }
+            if budget == 0 {
+                return Progress::Yield;
+            }
+            match self.decoder.decode(self.rb.data()) {
+                Ok(Decoded::Frame(frame, len)) => {
+                    match frame.events(&mut self.inflated, self.max_inflated) {
+                        Ok(events) => shard.ingest_forward(&frame, events, &self.link),
+                        Err(e) => return Progress::Close(e),
+                    }
+                    if self.inflated.capacity() > 4 * READ_CHUNK {
+                        self.inflated = Vec::new();
+                    }
+                    self.rb.consume(len);
+                    self.need = 1;
+                    budget = budget.saturating_sub(len);
+                }
+                Ok(Decoded::Keepalive) => self.rb.consume(1),
+                Ok(Decoded::NeedMore(n)) => {
+                    self.need = n;
+                    self.rb.shrink();
+                    return Progress::Read;
+                }
+                Err(e) => return Progress::Close(e),
+            }
+        }
+    }
+
+    /// Bytes left over are a frame cut short.
+    fn finish(&mut self, shard: &mut Shard) {
+        if !self.rb.data().is_empty() {
+            shard.refused(
+                DecodeError::Truncated,
+                "Dropping a frame cut short by the peer",
+                self.link.peer.get(),
+            );
+            self.rb.consume(self.rb.data().len());
+        }
+    }
+
+    fn link(&self) -> &Rc<Link> {
+        &self.link
+    }
+}
+
+/// Where JSON-lines events get their tag.
+#[derive(Clone, Debug)]
+pub struct JsonSource {
+    /// The input's own tag, used when `tag_key` is unset or missing from a record.
+    pub tag: String,
+    pub tag_key: Option<String>,
+}
+
+/// A JSON-lines connection.
+pub struct JsonConn {
+    rb: ReadBuf,
+    lines: Lines,
+    parser: JsonParser,
+    source: Rc<JsonSource>,
+    link: Rc<Link>,
+}
+
+impl JsonConn {
+    pub fn new(max_line: usize, source: Rc<JsonSource>) -> Self {
+        JsonConn {
+            rb: ReadBuf::new(READ_CHUNK, max_line + READ_CHUNK, JSON_PADDING),
+            lines: Lines::new(max_line),
+            parser: JsonParser::default(),
+            source,
+            link: Rc::new(Link::default()),
+        }
+    }
+}
+
+impl Conn for JsonConn {
+    fn read_buf(&mut self) -> &mut [u8] {
+        self.rb.spare(READ_CHUNK)
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.rb.filled(n);
+    }
+
+    /// Events are stamped with the time they are processed.
+    fn process(&mut self, shard: &mut Shard) -> Progress {
+        let now = EventTime::now();
+        let mut budget = TURN;
+        loop {
+            if shard.blocked() {
+                return Progress::Blocked;
+            }
+            if budget == 0 {
+                return Progress::Yield;
+            }
+            match self.lines.next(self.rb.data()) {
+                Framed::Line { len, consumed } => {
+                    let peer = self.link.peer.get();
+                    ingest_line(
+                        shard,
+                        &mut self.parser,
+                        self.rb.data_padded(),
+                        len,
+                        &self.source,
+                        now,
+                        peer,
+                    );
+                    self.rb.consume(consumed);
+                    budget = budget.saturating_sub(consumed);
+                }
+                Framed::Discard { consumed, error } => {
+                    if let Some(e) = error {
+                        shard.refused(e, "Skipping a line", self.link.peer.get());
+                    }
+                    self.rb.consume(consumed);
+                }
+                Framed::NeedMore => {
+                    self.rb.shrink();
+                    return Progress::Read;
+                }
+            }
+        }
+    }
+
+    /// An unterminated last line still counts.
+    fn finish(&mut self, shard: &mut Shard) {
+        if let Some(len) = self.lines.finish(self.rb.data()) {
+            let (now, peer) = (EventTime::now(), self.link.peer.get());
+            ingest_line(
+                shard,
+                &mut self.parser,
+                self.rb.data_padded(),
+                len,
+                &self.source,
+                now,
+                peer,
+            );
+            self.rb.consume(len);
+        }
+    }
+
+    fn link(&self) -> &Rc<Link> {
+        &self.link
+    }
+}
+
+/// Ingests the lines of one datagram. `buf[..len]` is the datagram and `buf` extends at
+/// least [`JSON_PADDING`] bytes past it.
+pub fn ingest_datagram(
+    shard: &mut Shard,
+    parser: &mut JsonParser,
+    buf: &mut [u8],
+    len: usize,
+    source: &JsonSource,
+    peer: SocketAddr,
+) {
+    let now = EventTime::now();
+    let mut start = 0;
+    while start < len {
+        let end = memchr::memchr(b'\n', &buf[start..len]).map_or(len, |i| start + i);
+        ingest_line(
+            shard,
+            parser,
+            &mut buf[start..],
+            end - start,
+            source,
+            now,
+            Some(peer),
+        );
+        start = end + 1;
+    }
+}
+
+/// Parses one line in place and hands its event to the shard, or counts why not.
+fn ingest_line(
+    shard: &mut Shard,
+    parser: &mut JsonParser,
+    buf: &mut [u8],
+    len: usize,
+    source: &JsonSource,
+    now: EventTime,
+    peer: Option<SocketAddr>,
+) {
+    let r = parser.parse(buf, len, |obj| {
+        let tag = source
+            .tag_key
+            .as_deref()
+            .and_then(|k| field_str(obj, k))
+            .unwrap_or(&source.tag);
+        shard.ingest_json(tag, now, obj);
+    });
+    if let Err(e) = r {
+        shard.refused(e, "Skipping a line", peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_buffer_compacts_grows_and_shrinks() {
+        let mut rb = ReadBuf::new(8, 32, 4);
+        rb.spare(8)[..6].copy_from_slice(b"abcdef");
+        rb.filled(6);
+        rb.consume(4);
+        assert_eq!(rb.data(), b"ef");
+        // Asking for 7 compacts ("ef" to the front) and leaves 6, then grows.
+        let s = rb.spare(7);
+        assert!(s.len() >= 7);
+        assert_eq!(rb.data(), b"ef");
+        assert!(rb.data_padded().len() >= 2 + 4);
+        let s = rb.spare(100);
+        assert_eq!(s.len(), 30, "capped at the maximum");
+        rb.consume(2);
+        rb.shrink();
+        assert_eq!(rb.spare(1).len(), 8);
+    }
+}

@@ -1,0 +1,172 @@
+//! Start-up and shutdown. Probes io_uring, binds the inputs, builds the rings, starts the
+//! emitter and one glommio executor per core (pinned to the CPUs this process may use),
+//! and on SIGTERM or SIGINT runs the shutdown order documented in DESIGN.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::accept::{self, uring};
+use crate::config::Config;
+use crate::emit::{Emitter, Ports};
+use crate::metrics;
+use crate::probe;
+use crate::ring::ring;
+use crate::shard::SinkRings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    #[error(transparent)]
+    Bind(#[from] accept::BindError),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// Runs until a shutdown signal has been handled.
+pub fn run(cfg: Config) -> Result<(), EngineError> {
+    probe::check_uring()?;
+    let bound = accept::bind(&cfg)?;
+    let cfg = Arc::new(cfg);
+    let workers = cfg.engine.workers;
+
+    // One ring each way per (core, sink).
+    let cap = cfg.engine.ring_capacity;
+    let mut core_rings: Vec<Vec<SinkRings>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut ports: Vec<Ports> = Vec::new();
+    for _ in &cfg.sinks {
+        let mut p = Ports {
+            batches: Vec::new(),
+            done: Vec::new(),
+        };
+        for rings in core_rings.iter_mut() {
+            let (batches, batches_rx) = ring(cap);
+            let (done_tx, done) = ring(2 * cap + 2);
+            rings.push(SinkRings { batches, done });
+            p.batches.push(batches_rx);
+            p.done.push(done_tx);
+        }
+        ports.push(p);
+    }
+
+    let (reporter, reports) = crossbeam_channel::unbounded();
+    let names = cfg.sinks.iter().map(|s| s.name.clone()).collect();
+    let interval = cfg.engine.stats_interval;
+    let stats = std::thread::Builder::new()
+        .name("sluice-stats".into())
+        .spawn(move || metrics::collect(reports, workers, names, interval))
+        .map_err(|e| EngineError::Start(format!("cannot start the stats thread: {e}")))?;
+    let emitter = Emitter::start(cfg.sinks.clone(), ports, reporter.clone())
+        .map_err(|e| EngineError::Start(format!("cannot start the emitter: {e}")))?;
+
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(stop);
+    watch_signals(stop.clone())?;
+
+    let cpus = allowed_cpus();
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+    let mut cores = Vec::new();
+    for (core, (sockets, rings)) in bound.cores.into_iter().zip(core_rings).enumerate() {
+        let placement = match cpus.get(core) {
+            Some(&cpu) if cpus.len() >= workers => Placement::Fixed(cpu),
+            _ => Placement::Unbound,
+        };
+        let ctx = uring::CoreCtx {
+            core,
+            cfg: cfg.clone(),
+            sockets,
+            rings,
+            reporter: reporter.clone(),
+            shutdown: stop_rx.clone(),
+            ready: ready_tx.clone(),
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("sluice-core{core}"))
+            .io_memory(probe::IO_MEMORY)
+            .spawn(move || uring::run(ctx))
+            .map_err(|e| {
+                EngineError::Start(format!("cannot start core {core}: {}", probe::classify(e)))
+            })?;
+        cores.push(handle);
+    }
+    drop(reporter);
+    drop(ready_tx);
+
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => {
+                let _ = stop.send(true);
+                return Err(EngineError::Start(msg));
+            }
+            Err(_) => {
+                let _ = stop.send(true);
+                return Err(EngineError::Start("a core stopped during start-up".into()));
+            }
+        }
+    }
+    drop(bound.reservations);
+    for (input, addr) in cfg.inputs.iter().zip(&bound.addrs) {
+        let tcp = accept::uses_tcp(&input.kind);
+        let udp = accept::uses_udp(&input.kind);
+        let protocols = match (tcp, udp) {
+            (true, true) => "tcp+udp",
+            (true, false) => "tcp",
+            _ => "udp",
+        };
+        tracing::info!(input = %input.name, address = %addr, protocols, "Listening");
+    }
+    tracing::info!(workers, io = "uring", "Sluice is ready");
+
+    for (core, h) in cores.into_iter().enumerate() {
+        if let Err(e) = h.join() {
+            tracing::error!(core, error = %e, "Core stopped with an error");
+        }
+    }
+    // The cores have settled what they could; give the sinks what is left of the drain.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    if !emitter.join(deadline) {
+        tracing::warn!("Sinks still busy at the drain deadline; exiting without them");
+        return Ok(());
+    }
+    // Every reporter is gone now, so the collector logs the final totals and ends.
+    let _ = stats.join();
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+fn watch_signals(stop: Arc<tokio::sync::watch::Sender<bool>>) -> Result<(), EngineError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| EngineError::Start(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("sluice-signals".into())
+        .spawn(move || {
+            let mut forever = signals.forever();
+            if let Some(sig) = forever.next() {
+                tracing::info!(
+                    signal = sig,
+                    "Shutting down: draining inputs and sinks (signal again to exit at once)"
+                );
+                let _ = stop.send(true);
+            }
+            if let Some(sig) = forever.next() {
+                tracing::warn!(signal = sig, "Exiting at once");
+                std::process::exit(130);
+            }
+        })
+        .map_err(|e| EngineError::Start(format!("cannot start the signal thread: {e}")))?;
+    Ok(())
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}

@@ -1,0 +1,161 @@
+//! Whole-input drivers over the decoders and encoders, for fuzz targets and tests. They
+//! run the functions the connection loops run, minus the sockets, and check what must
+//! always hold: the same result however the bytes are split, and valid JSON out.
+
+use crate::batch::shape::{Format, Shape, ShapeConfig, TimeFormat};
+use crate::decode::DecodeError;
+use crate::decode::forward::Decoded::{Frame, Keepalive, NeedMore};
+use crate::decode::forward::Decoder;
+use crate::decode::jsonl::{Framed, JsonParser, Lines};
+use crate::limits::JSON_PADDING;
+
+fn shapes() -> Vec<Shape> {
+    let base = ShapeConfig {
+        tag_key: Some("tag".into()),
+        time_key: Some("time".into()),
+        remove_keys: vec!["drop".into()],
+        ..ShapeConfig::default()
+    };
+    vec![
+        Shape::new(&base),
+        Shape::new(&ShapeConfig {
+            format: Format::Msgpack,
+            time_format: TimeFormat::Double,
+            ..base.clone()
+        }),
+        Shape::new(&ShapeConfig {
+            format: Format::Text,
+            log_key: Some("log".into()),
+            ..base
+        }),
+    ]
+}
+
+/// What a stream decoded to: JSON lines, the other formats' output, and the error that
+/// ended the stream, if any.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    pub json: Vec<u8>,
+    pub other: Vec<u8>,
+    pub error: Option<DecodeError>,
+}
+
+/// Decodes `data` as a Forward stream that arrives in two reads, split at `split`, and
+/// encodes every event in each format.
+pub fn forward_stream(data: &[u8], split: usize) -> Decoded {
+    let split = split.min(data.len());
+    let mut dec = Decoder::new(1 << 20);
+    let mut shapes = shapes();
+    let mut out = Decoded {
+        json: Vec::new(),
+        other: Vec::new(),
+        error: None,
+    };
+    let mut inflated = Vec::new();
+    let mut buf: Vec<u8> = data[..split].to_vec();
+    let mut fed_all = split == data.len();
+    let mut pos = 0;
+    loop {
+        let error = match dec.decode(&buf[pos..]) {
+            Ok(Frame(frame, len)) => match frame.events(&mut inflated, 4 << 20) {
+                Ok(events) => {
+                    for ev in events {
+                        let (json, rest) = shapes.split_at_mut(1);
+                        json[0].encode_msgpack(&mut out.json, frame.tag, ev.time, ev.record);
+                        for s in rest {
+                            s.encode_msgpack(&mut out.other, frame.tag, ev.time, ev.record);
+                        }
+                    }
+                    pos += len;
+                    continue;
+                }
+                Err(e) => Some(e),
+            },
+            Ok(Keepalive) => {
+                pos += 1;
+                continue;
+            }
+            Ok(NeedMore(_)) if !fed_all => {
+                buf.extend_from_slice(&data[split..]);
+                fed_all = true;
+                continue;
+            }
+            Ok(NeedMore(_)) => (pos < buf.len()).then_some(DecodeError::Truncated),
+            Err(e) => Some(e),
+        };
+        out.error = error;
+        return out;
+    }
+}
+
+/// Fuzz target body: a Forward stream decodes the same whole or split, never panics, and
+/// every JSON line it produces parses.
+pub fn fuzz_forward(data: &[u8]) {
+    let split = data.first().map_or(0, |b| *b as usize % (data.len() + 1));
+    let whole = forward_stream(data, data.len());
+    assert_eq!(
+        whole,
+        forward_stream(data, split),
+        "split at {split} changed the result"
+    );
+    check_json_lines(&whole.json);
+}
+
+/// Frames and parses JSON lines, encoding every object; returns the JSON output and the
+/// errors met.
+pub fn json_lines_stream(data: &[u8], max_line: usize) -> (Vec<u8>, Vec<DecodeError>) {
+    let mut lines = Lines::new(max_line);
+    let mut parser = JsonParser::default();
+    let mut shape = shapes().swap_remove(0);
+    let mut buf = data.to_vec();
+    buf.resize(data.len() + JSON_PADDING, 0);
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    let mut pos = 0;
+    let now = crate::decode::EventTime::default();
+    let mut parse =
+        |buf: &mut [u8], len: usize, out: &mut Vec<u8>, errors: &mut Vec<DecodeError>| {
+            if let Err(e) = parser.parse(buf, len, |obj| shape.encode_json(out, "t", now, obj)) {
+                errors.push(e);
+            }
+        };
+    loop {
+        match lines.next(&buf[pos..data.len()]) {
+            Framed::Line { len, consumed } => {
+                parse(&mut buf[pos..], len, &mut out, &mut errors);
+                pos += consumed;
+            }
+            Framed::Discard { consumed, error } => {
+                errors.extend(error);
+                pos += consumed;
+            }
+            Framed::NeedMore => break,
+        }
+    }
+    if let Some(len) = lines.finish(&buf[pos..data.len()]) {
+        parse(&mut buf[pos..], len, &mut out, &mut errors);
+    }
+    (out, errors)
+}
+
+/// Fuzz target body: JSON lines never panic and re-encode to valid JSON.
+pub fn fuzz_json_lines(data: &[u8]) {
+    let (out, _) = json_lines_stream(data, 4096);
+    check_json_lines(&out);
+}
+
+/// Every line of JSON output parses as an object.
+fn check_json_lines(out: &[u8]) {
+    assert!(
+        out.is_empty() || out.ends_with(b"\n"),
+        "JSON output must end with a newline"
+    );
+    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let mut copy = line.to_vec();
+        let ok = matches!(simd_json::to_tape(&mut copy), Ok(t) if matches!(t.0.first(), Some(simd_json::Node::Object { .. })));
+        assert!(
+            ok,
+            "invalid JSON written: {}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}

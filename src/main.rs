@@ -1,0 +1,154 @@
+//! The `sluice` command: run, validate a config, or print the embedded default.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice::config::{Config, DEFAULT_CONFIG, InputKind, SinkKind};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Sluice: a thread-per-core log forwarder.
+///
+/// Receives the Fluentd Forward protocol (Docker's fluentd log driver, Fluent Bit, Fluentd,
+/// fluent-logger) and newline-delimited JSON over TCP and UDP, routes events by tag with
+/// Fluentd's match patterns, and writes them in batches to its sinks.
+///
+/// With no command, sluice runs its embedded default config: Forward on 24224, JSON lines
+/// on 5170 (TCP and UDP), everything to stdout. Logs go to stderr; set SLUICE_LOG (for
+/// example `debug` or `info,sluice::stats=warn`) to change how much.
+#[derive(Parser)]
+#[command(name = "sluice", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run sluice: with --config FILE, on that config; without, on the embedded default.
+    ///
+    /// SIGTERM or SIGINT shuts down gracefully: stop accepting, read open connections for
+    /// engine.input_grace, seal every batch, drain the sinks for up to engine.drain_timeout,
+    /// write the final acks, exit. A second signal exits at once.
+    Run {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check a config file: print what it defines, or the first error with its key.
+    ///
+    /// Exits 0 when the file is valid and 1 when it is not. Nothing is bound or started.
+    Validate {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+    /// Print the embedded default config, a starting point for your own.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run(None),
+        Some(Command::Run { config }) => run(config),
+        Some(Command::Validate { file }) => validate(&file),
+        Some(Command::DefaultConfig) => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into());
+    let targets: tracing_subscriber::filter::Targets = filter.parse().unwrap_or_else(|e| {
+        eprintln!("SLUICE_LOG={filter:?} is not a valid filter ({e}); using \"info\"");
+        tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+    });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .with(targets)
+        .init();
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Config::load(p).with_context(|| format!("invalid config {}", p.display())),
+        None => Ok(Config::default_config()),
+    }
+}
+
+fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = load(config.as_ref())?;
+    match &config {
+        Some(p) => tracing::info!(config = %p.display(), "Starting"),
+        None => {
+            tracing::info!("Starting on the embedded default config (see `sluice default-config`)")
+        }
+    }
+    sluice::engine::run(cfg)?;
+    Ok(())
+}
+
+fn validate(file: &PathBuf) -> anyhow::Result<()> {
+    let cfg = load(Some(file))?;
+    println!("{} is valid.", file.display());
+    println!("workers: {}", cfg.engine.workers);
+    for i in &cfg.inputs {
+        let what = match &i.kind {
+            InputKind::Forward { .. } => "forward".to_string(),
+            InputKind::JsonLines { tcp, udp, .. } => {
+                format!(
+                    "json_lines over {}",
+                    if *tcp && *udp {
+                        "tcp+udp"
+                    } else if *tcp {
+                        "tcp"
+                    } else {
+                        "udp"
+                    }
+                )
+            }
+        };
+        println!("input {}: {what} on {}", i.name, i.address);
+    }
+    for s in &cfg.sinks {
+        let what = match &s.kind {
+            SinkKind::Stdout => "stdout".to_string(),
+            SinkKind::File { path, .. } => format!("file {}", path.display()),
+            SinkKind::Null => "null".to_string(),
+        };
+        println!("sink {}: {what}", s.name);
+    }
+    for (n, r) in cfg.routes.iter().enumerate() {
+        let sinks: Vec<&str> = r
+            .sinks
+            .iter()
+            .map(|&i| cfg.sinks[i].name.as_str())
+            .collect();
+        println!(
+            "route {n}: {} -> {}",
+            r.patterns.join(" "),
+            sinks.join(", ")
+        );
+    }
+    Ok(())
+}

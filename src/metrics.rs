@@ -1,0 +1,161 @@
+//! Counters: plain integers owned by each core and each sink task, sent as snapshots to
+//! one collector thread that merges them and logs the totals at an interval (a metrics
+//! endpoint will read the same merged totals). Nothing on the hot path is shared.
+
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::decode::DecodeError;
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name { $($(#[$fm])* pub $field: u64),* }
+
+        impl $name {
+            pub fn merge(&mut self, o: &Self) {
+                $(self.$field += o.$field;)*
+            }
+
+            pub fn fields(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($field), self.$field)),*].into_iter()
+            }
+        }
+    };
+}
+
+counters!(
+    /// One core's input side.
+    CoreCounters {
+        /// Events decoded and handed to routing.
+        events_in,
+        bytes_in,
+        frames_in,
+        /// Events no route matched.
+        events_unmatched,
+        /// Events of `format = "text"` routes without their `log_key` field.
+        missing_log_key,
+        connections_opened,
+        connections_closed,
+        /// Connections closed at once because the input was at `max_connections`.
+        connections_refused,
+        acks_sent,
+        heartbeats,
+        /// Times a connection stopped reading because its core's batches were held.
+        backpressure_waits,
+    }
+);
+
+counters!(
+    /// One sink's output side.
+    SinkCounters {
+        batches,
+        events,
+        bytes,
+        write_errors,
+    }
+);
+
+/// Decode errors by kind, indexed by [`DecodeError::index`].
+pub type ErrorCounts = [u64; DecodeError::NAMES.len()];
+
+/// A snapshot sent to the collector (once a second per core and sink, so its size does
+/// not matter).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Report {
+    Core {
+        core: usize,
+        counters: CoreCounters,
+        errors: ErrorCounts,
+    },
+    Sink {
+        sink: usize,
+        counters: SinkCounters,
+    },
+}
+
+/// Totals merged from the latest snapshot of every core and sink.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub core: CoreCounters,
+    pub errors: ErrorCounts,
+    /// By sink name.
+    pub sinks: Vec<(String, SinkCounters)>,
+}
+
+impl Totals {
+    /// `key=value` pairs, zero-valued error kinds left out.
+    pub fn line(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        for (k, v) in self.core.fields() {
+            let _ = write!(s, "{k}={v} ");
+        }
+        for (i, n) in self.errors.iter().enumerate() {
+            if *n > 0 {
+                let _ = write!(s, "errors.{}={n} ", DecodeError::NAMES[i]);
+            }
+        }
+        for (name, c) in &self.sinks {
+            for (k, v) in c.fields() {
+                let _ = write!(s, "sink.{name}.{k}={v} ");
+            }
+        }
+        s.pop();
+        s
+    }
+}
+
+/// Merges reports and logs the totals every `interval`, and once more when every sender
+/// is gone. Returns the final totals.
+pub fn collect(
+    rx: Receiver<Report>,
+    cores: usize,
+    sink_names: Vec<String>,
+    interval: Duration,
+) -> Totals {
+    let mut per_core = vec![(CoreCounters::default(), [0u64; DecodeError::NAMES.len()]); cores];
+    let mut per_sink = vec![SinkCounters::default(); sink_names.len()];
+    let totals = |per_core: &[(CoreCounters, ErrorCounts)], per_sink: &[SinkCounters]| {
+        let mut t = Totals::default();
+        for (c, e) in per_core {
+            t.core.merge(c);
+            for (a, b) in t.errors.iter_mut().zip(e) {
+                *a += b;
+            }
+        }
+        t.sinks = sink_names
+            .iter()
+            .cloned()
+            .zip(per_sink.iter().copied())
+            .collect();
+        t
+    };
+    let mut next = std::time::Instant::now() + interval;
+    loop {
+        let wait = next.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Report::Core {
+                core,
+                counters,
+                errors,
+            }) => per_core[core] = (counters, errors),
+            Ok(Report::Sink { sink, counters }) => per_sink[sink] = counters,
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::info!(target: "sluice::stats", "Stats {}", totals(&per_core, &per_sink).line());
+                next += interval;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let t = totals(&per_core, &per_sink);
+                tracing::info!(target: "sluice::stats", "Final stats {}", t.line());
+                return t;
+            }
+        }
+    }
+}
+
+/// A sender of reports, kept by each core and sink task.
+pub type Reporter = Sender<Report>;

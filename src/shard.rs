@@ -1,0 +1,334 @@
+//! One core's pipeline between its sockets and its rings: routing, encoding into batches,
+//! the ack ledger, completions, backpressure and counters. It is single-threaded and knows
+//! no runtime; the I/O loops drive it.
+
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use crate::ack::AckLedger;
+use crate::batch::shape::{Encoded, Shape};
+use crate::batch::{Batch, Batcher};
+use crate::config::Config;
+use crate::conn::Link;
+use crate::decode::forward::{Events, Frame};
+use crate::decode::jsonl::Object;
+use crate::decode::{DecodeError, EventTime};
+use crate::metrics::{CoreCounters, ErrorCounts, Report, Reporter};
+use crate::ring::{Consumer, Producer};
+use crate::route::{Pattern, Router};
+
+/// A route as one core runs it.
+struct RouteOut {
+    shape: Shape,
+    sinks: Box<[usize]>,
+}
+
+/// The ends of one sink's rings on one core.
+pub struct SinkRings {
+    pub batches: Producer<Batch>,
+    pub done: Consumer<Batch>,
+}
+
+/// Where the core is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    /// Shutting down: connections stop reading and wait for their acks.
+    Draining,
+    /// Out of time or done: connections write what acks they have and close.
+    Closing,
+}
+
+/// One core's pipeline state.
+pub struct Shard {
+    pub core: usize,
+    router: Router,
+    routes: Vec<RouteOut>,
+    batchers: Vec<Batcher>,
+    done: Vec<Consumer<Batch>>,
+    ledger: AckLedger,
+    pub counters: CoreCounters,
+    pub errors: ErrorCounts,
+    /// Connections waiting for the shard to unblock.
+    parked: Vec<Rc<Link>>,
+    /// Every open connection, to wake when the phase changes.
+    links: Vec<Rc<Link>>,
+    pub phase: Phase,
+    /// The pump task, woken when a connection finds the shard blocked.
+    pump: Option<std::task::Waker>,
+    warn: Warnings,
+}
+
+impl Shard {
+    pub fn new(core: usize, cfg: &Config, rings: Vec<SinkRings>) -> Self {
+        let router = Router::new(
+            cfg.routes
+                .iter()
+                .map(|r| r.patterns.iter().map(|p| Pattern::new(p)).collect())
+                .collect(),
+        );
+        let routes = cfg
+            .routes
+            .iter()
+            .map(|r| RouteOut {
+                shape: Shape::new(&r.shape),
+                sinks: r.sinks.clone().into_boxed_slice(),
+            })
+            .collect();
+        let (batchers, done) = rings
+            .into_iter()
+            .zip(&cfg.sinks)
+            .map(|(r, s)| (Batcher::new(core, s.batch, r.batches), r.done))
+            .unzip();
+        Shard {
+            core,
+            router,
+            routes,
+            batchers,
+            done,
+            ledger: AckLedger::default(),
+            counters: CoreCounters::default(),
+            errors: [0; DecodeError::NAMES.len()],
+            parked: Vec::new(),
+            links: Vec::new(),
+            phase: Phase::Running,
+            pump: None,
+            warn: Warnings::default(),
+        }
+    }
+
+    /// Routes the events of one Forward frame and encodes them into their sinks' batches.
+    /// A `chunk` is acked once every batch holding its events has settled.
+    pub fn ingest_forward(&mut self, frame: &Frame<'_>, events: Events<'_>, link: &Rc<Link>) {
+        self.counters.frames_in += 1;
+        let ticket = frame.chunk.map(|c| self.ledger.open(link, c));
+        let tag = frame.tag;
+        match self.router.route(tag) {
+            None => {
+                let n = events.count() as u64;
+                self.counters.events_in += n;
+                self.unmatched(tag, n);
+            }
+            Some(r) => {
+                let route = &mut self.routes[r];
+                let mut n = 0;
+                for ev in events {
+                    n += 1;
+                    for &s in route.sinks.iter() {
+                        let shape = &mut route.shape;
+                        let w = self.batchers[s].write(ticket, |out| {
+                            shape.encode_msgpack(out, tag, ev.time, ev.record)
+                        });
+                        if w.new_hold {
+                            self.ledger.hold(ticket.expect("a hold needs a ticket"));
+                        }
+                        if w.encoded == Encoded::MissingLogKey {
+                            self.counters.missing_log_key += 1;
+                        }
+                    }
+                }
+                self.counters.events_in += n;
+            }
+        }
+        if let Some(t) = ticket {
+            if self.ledger.release(t) {
+                self.counters.acks_sent += 1;
+            }
+        }
+    }
+
+    /// Routes one JSON-lines event and encodes it into its sinks' batches.
+    pub fn ingest_json(&mut self, tag: &str, time: EventTime, obj: Object<'_, '_>) {
+        self.counters.events_in += 1;
+        let Some(r) = self.router.route(tag) else {
+            self.unmatched(tag, 1);
+            return;
+        };
+        let route = &mut self.routes[r];
+        for &s in route.sinks.iter() {
+            let shape = &mut route.shape;
+            let w = self.batchers[s].write(None, |out| shape.encode_json(out, tag, time, obj));
+            if w.encoded == Encoded::MissingLogKey {
+                self.counters.missing_log_key += 1;
+            }
+        }
+    }
+
+    fn unmatched(&mut self, tag: &str, n: u64) {
+        self.counters.events_unmatched += n;
+        if let Some(suppressed) = self.warn.allow(Warn::Unmatched) {
+            tracing::warn!(
+                core = self.core,
+                tag,
+                events = n,
+                suppressed,
+                "No route matches the tag; events dropped"
+            );
+        }
+    }
+
+    /// Counts refused input and logs it, at most once a second per kind of error.
+    pub fn refused(&mut self, e: DecodeError, action: &str, peer: Option<std::net::SocketAddr>) {
+        self.errors[e.index()] += 1;
+        if let Some(suppressed) = self.warn.allow(Warn::Refused(e.index())) {
+            let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+            tracing::warn!(
+                kind = e.name(),
+                peer,
+                core = self.core,
+                suppressed,
+                "{action}: {e}"
+            );
+        }
+    }
+
+    /// Whether held batches mean connections must stop reading.
+    #[inline]
+    pub fn blocked(&self) -> bool {
+        self.batchers.iter().any(Batcher::blocked)
+    }
+
+    /// Parks a connection until the shard unblocks.
+    pub fn park(&mut self, link: &Rc<Link>) {
+        if !link.parked.replace(true) {
+            self.counters.backpressure_waits += 1;
+            self.parked.push(link.clone());
+            // The pump may not be waiting on the full ring yet.
+            if let Some(w) = &self.pump {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Registers a new connection.
+    pub fn open_link(&mut self, link: &Rc<Link>) {
+        self.counters.connections_opened += 1;
+        self.links.push(link.clone());
+    }
+
+    pub fn close_link(&mut self, link: &Rc<Link>) {
+        self.counters.connections_closed += 1;
+        self.links.retain(|l| !Rc::ptr_eq(l, link));
+    }
+
+    pub fn connections(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Moves to a later phase and wakes every connection to notice.
+    pub fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        for l in &self.links {
+            l.wake();
+        }
+    }
+
+    /// Takes back settled batches (acking their chunks), pushes held batches into rings
+    /// with room, and wakes parked connections once nothing is held. Registers `cx` for
+    /// whichever ring it waits on.
+    pub fn poll_pump(&mut self, cx: &mut Context<'_>) {
+        if !self.pump.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.pump = Some(cx.waker().clone());
+        }
+        for (s, done) in self.done.iter().enumerate() {
+            while let Poll::Ready(Some(batch)) = done.poll_pop(cx) {
+                for &t in &batch.tickets {
+                    if self.ledger.release(t) {
+                        self.counters.acks_sent += 1;
+                    }
+                }
+                self.batchers[s].recycle(batch);
+            }
+        }
+        let mut blocked = false;
+        for b in &mut self.batchers {
+            blocked |= b.poll_push(cx).is_pending();
+        }
+        if !blocked {
+            for l in self.parked.drain(..) {
+                l.parked.set(false);
+                l.wake();
+            }
+        }
+    }
+
+    /// Seals batches that have lingered long enough.
+    pub fn seal_due(&mut self, now: Instant) {
+        for b in &mut self.batchers {
+            b.seal_if_due(now);
+        }
+    }
+
+    /// Seals every open batch (at shutdown).
+    pub fn seal_all(&mut self) {
+        for b in &mut self.batchers {
+            b.seal();
+        }
+    }
+
+    /// How often the pump seals lingering batches: a quarter of the shortest linger.
+    pub fn tick(cfg: &Config) -> Duration {
+        let linger = cfg
+            .sinks
+            .iter()
+            .map(|s| s.batch.linger)
+            .min()
+            .unwrap_or(Duration::from_millis(200));
+        (linger / 4).clamp(Duration::from_millis(5), Duration::from_millis(100))
+    }
+
+    /// Nothing open, held or in flight, and no chunk waiting for its ack.
+    pub fn idle(&self) -> bool {
+        self.batchers.iter().all(Batcher::idle) && self.ledger.outstanding() == 0
+    }
+
+    /// Sends this core's counters to the collector.
+    pub fn report(&self, to: &Reporter) {
+        let _ = to.send(Report::Core {
+            core: self.core,
+            counters: self.counters,
+            errors: self.errors,
+        });
+    }
+}
+
+/// Kinds of warning that are rate-limited.
+#[derive(Clone, Copy)]
+enum Warn {
+    Unmatched,
+    Refused(usize),
+}
+
+/// Allows each kind of warning once a second, counting what it suppressed.
+#[derive(Default)]
+struct Warnings {
+    last: Vec<(Option<Instant>, u64)>,
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(1);
+
+impl Warnings {
+    /// `Some(suppressed since the last one)` if this warning may be logged now.
+    fn allow(&mut self, w: Warn) -> Option<u64> {
+        let i = match w {
+            Warn::Unmatched => 0,
+            Warn::Refused(k) => 1 + k,
+        };
+        if self.last.len() <= i {
+            self.last.resize(i + 1, (None, 0));
+        }
+        let (last, suppressed) = &mut self.last[i];
+        let now = Instant::now();
+        match last {
+            Some(t) if now.duration_since(*t) < WARN_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(std::mem::take(suppressed))
+            }
+        }
+    }
+}
