@@ -410,3 +410,465 @@ impl<'a> Iterator for Events<'a> {
         next_entry(&mut self.r).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decoder against a naive reference built on rmpv, over every mode, random
+    //! records and random split points; and the transcoder against serde_json.
+
+    use super::*;
+    use crate::batch::shape::{Shape, ShapeConfig};
+    use proptest::prelude::*;
+    use rmpv::Value;
+    use std::io::Write;
+
+    #[derive(Clone, Debug)]
+    enum Time {
+        Int(u32),
+        FixExt8(u32, u32),
+        Ext8(u32, u32),
+        Float(u32),
+        /// Fluent Bit 2.1+: `[time, metadata]`
+        WithMeta(u32),
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Mode {
+        Message,
+        Forward,
+        PackedBin,
+        PackedStr,
+        Gzip,
+        Zstd,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Spec {
+        tag: String,
+        mode: Mode,
+        events: Vec<(Time, Value)>,
+        chunk: Option<String>,
+        size: bool,
+        nil_options: bool,
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::Boolean),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e15f64..1e15).prop_map(Value::F64),
+            (-1e6f32..1e6).prop_map(Value::F32),
+            ".{0,40}".prop_map(Value::from),
+            "[\"\\\\\n\t\u{1}a-z]{0,20}".prop_map(Value::from),
+            proptest::collection::vec(any::<u8>(), 0..24).prop_map(Value::Binary),
+        ];
+        leaf.prop_recursive(3, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::vec(("[a-z]{1,6}", inner), 0..5).prop_map(|kv| Value::Map(
+                    kv.into_iter().map(|(k, v)| (Value::from(k), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    fn record() -> impl Strategy<Value = Value> {
+        proptest::collection::vec(("[a-z_]{1,10}", value()), 0..8)
+            .prop_map(|kv| Value::Map(kv.into_iter().map(|(k, v)| (Value::from(k), v)).collect()))
+    }
+
+    fn time() -> impl Strategy<Value = Time> {
+        prop_oneof![
+            any::<u32>().prop_map(Time::Int),
+            (any::<u32>(), 0u32..1_000_000_000).prop_map(|(s, n)| Time::FixExt8(s, n)),
+            (any::<u32>(), 0u32..1_000_000_000).prop_map(|(s, n)| Time::Ext8(s, n)),
+            (0u32..1 << 30).prop_map(Time::Float),
+            any::<u32>().prop_map(Time::WithMeta),
+        ]
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        let mode = prop_oneof![
+            Just(Mode::Message),
+            Just(Mode::Forward),
+            Just(Mode::PackedBin),
+            Just(Mode::PackedStr),
+            Just(Mode::Gzip),
+            Just(Mode::Zstd),
+        ];
+        (
+            "[a-z]{1,8}(\\.[a-z0-9]{1,8}){0,3}",
+            mode,
+            proptest::collection::vec((time(), record()), 1..6),
+            proptest::option::of("[A-Za-z0-9+/]{24}"),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(tag, mode, mut events, chunk, size, nil_options)| {
+                if matches!(mode, Mode::Message) {
+                    // `[time, metadata]` exists only inside entries; in Message mode it
+                    // would read as Forward mode.
+                    events.truncate(1);
+                    if let Time::WithMeta(s) = events[0].0 {
+                        events[0].0 = Time::Int(s);
+                    }
+                }
+                Spec {
+                    tag,
+                    mode,
+                    events,
+                    chunk,
+                    size,
+                    nil_options,
+                }
+            })
+    }
+
+    fn put_time(out: &mut Vec<u8>, t: &Time) {
+        match t {
+            Time::Int(s) => {
+                rmp::encode::write_uint(out, *s as u64).unwrap();
+            }
+            Time::FixExt8(s, n) => {
+                out.extend_from_slice(&[0xd7, 0x00]);
+                out.extend_from_slice(&s.to_be_bytes());
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Time::Ext8(s, n) => {
+                out.extend_from_slice(&[0xc7, 0x08, 0x00]);
+                out.extend_from_slice(&s.to_be_bytes());
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Time::Float(s) => rmp::encode::write_f64(out, *s as f64 + 0.5).unwrap(),
+            Time::WithMeta(s) => {
+                out.push(0x92);
+                rmp::encode::write_uint(out, *s as u64).unwrap();
+                rmpv::encode::write_value(
+                    out,
+                    &Value::Map(vec![(Value::from("k"), Value::from(1))]),
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    fn entries(events: &[(Time, Value)]) -> Vec<u8> {
+        let mut out = vec![];
+        for (t, r) in events {
+            out.push(0x92);
+            put_time(&mut out, t);
+            rmpv::encode::write_value(&mut out, r).unwrap();
+        }
+        out
+    }
+
+    /// Two compressed members (or frames) back to back, as Fluent Bit may send.
+    fn compress(mode: Mode, body: &[u8]) -> Vec<u8> {
+        let (a, b) = body.split_at(body.len() / 2);
+        let mut out = vec![];
+        for part in [a, b] {
+            match mode {
+                Mode::Gzip => {
+                    let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::fast());
+                    e.write_all(part).unwrap();
+                    out.extend(e.finish().unwrap());
+                }
+                _ => out.extend(zstd::encode_all(part, 1).unwrap()),
+            }
+        }
+        out
+    }
+
+    fn encode(s: &Spec) -> Vec<u8> {
+        let mut opts: Vec<(Value, Value)> = vec![];
+        if s.size {
+            opts.push(("size".into(), Value::from(s.events.len() as u64)));
+        }
+        if let Some(c) = &s.chunk {
+            opts.push(("chunk".into(), Value::from(c.as_str())));
+        }
+        match s.mode {
+            Mode::Gzip => opts.push(("compressed".into(), "gzip".into())),
+            Mode::Zstd => opts.push(("compressed".into(), "zstd".into())),
+            _ => {}
+        }
+        let option = if !opts.is_empty() {
+            Some(Value::Map(opts))
+        } else if s.nil_options {
+            Some(Value::Nil)
+        } else {
+            None
+        };
+        let mut out = vec![];
+        let n = 2 + matches!(s.mode, Mode::Message) as u32 + option.is_some() as u32;
+        rmp::encode::write_array_len(&mut out, n).unwrap();
+        rmp::encode::write_str(&mut out, &s.tag).unwrap();
+        match s.mode {
+            Mode::Message => {
+                let (t, r) = &s.events[0];
+                put_time(&mut out, t);
+                rmpv::encode::write_value(&mut out, r).unwrap();
+            }
+            Mode::Forward => {
+                rmp::encode::write_array_len(&mut out, s.events.len() as u32).unwrap();
+                out.extend(entries(&s.events));
+            }
+            Mode::PackedBin => rmp::encode::write_bin(&mut out, &entries(&s.events)).unwrap(),
+            Mode::PackedStr => {
+                let body = entries(&s.events);
+                rmp::encode::write_str_len(&mut out, body.len() as u32).unwrap();
+                out.extend(body);
+            }
+            Mode::Gzip | Mode::Zstd => {
+                rmp::encode::write_bin(&mut out, &compress(s.mode, &entries(&s.events))).unwrap()
+            }
+        }
+        if let Some(o) = option {
+            rmpv::encode::write_value(&mut out, &o).unwrap();
+        }
+        out
+    }
+
+    type Event = (String, EventTime, Value, Option<Vec<u8>>);
+
+    fn ref_time(v: &Value) -> EventTime {
+        match v {
+            Value::Integer(i) => EventTime {
+                secs: i.as_i64().unwrap(),
+                nanos: 0,
+            },
+            Value::F64(f) => EventTime {
+                secs: f.floor() as i64,
+                nanos: ((f - f.floor()) * 1e9) as u32,
+            },
+            Value::Ext(0, b) => EventTime {
+                secs: u32::from_be_bytes(b[..4].try_into().unwrap()) as i64,
+                nanos: u32::from_be_bytes(b[4..].try_into().unwrap()),
+            },
+            Value::Array(a) => ref_time(&a[0]),
+            other => panic!("reference: bad time {other:?}"),
+        }
+    }
+
+    /// The naive reference: whole values through rmpv, modes told apart by type.
+    fn reference(stream: &[u8]) -> Vec<Event> {
+        let mut r = stream;
+        let mut out = vec![];
+        while !r.is_empty() {
+            let a = match rmpv::decode::read_value(&mut r).unwrap() {
+                Value::Array(a) => a,
+                Value::Nil => continue,
+                other => panic!("reference: not a frame: {other:?}"),
+            };
+            let tag = a[0].as_str().unwrap().to_string();
+            let (opt_at, msg) = match &a[1] {
+                Value::Array(_) | Value::Binary(_) | Value::String(_) => (2, false),
+                _ => (3, true),
+            };
+            let opts = a
+                .get(opt_at)
+                .and_then(Value::as_map)
+                .cloned()
+                .unwrap_or_default();
+            let get = |k: &str| {
+                opts.iter()
+                    .find(|(key, _)| key.as_str() == Some(k))
+                    .map(|(_, v)| v.clone())
+            };
+            let chunk = get("chunk").map(|v| v.as_str().unwrap().as_bytes().to_vec());
+            let mut pairs = vec![];
+            if msg {
+                pairs.push((a[1].clone(), a[2].clone()));
+            } else {
+                let body: Vec<Value> = match &a[1] {
+                    Value::Array(items) => items.clone(),
+                    packed => {
+                        let bytes = match packed {
+                            Value::Binary(b) => b.clone(),
+                            Value::String(s) => s.as_bytes().to_vec(),
+                            _ => unreachable!(),
+                        };
+                        let bytes = match get("compressed").as_ref().and_then(Value::as_str) {
+                            Some("gzip") => {
+                                let mut v = vec![];
+                                std::io::Read::read_to_end(
+                                    &mut flate2::read::MultiGzDecoder::new(&bytes[..]),
+                                    &mut v,
+                                )
+                                .unwrap();
+                                v
+                            }
+                            Some("zstd") => zstd::decode_all(&bytes[..]).unwrap(),
+                            _ => bytes,
+                        };
+                        let mut b = &bytes[..];
+                        let mut items = vec![];
+                        while !b.is_empty() {
+                            items.push(rmpv::decode::read_value(&mut b).unwrap());
+                        }
+                        items
+                    }
+                };
+                for e in body {
+                    let e = e.as_array().unwrap();
+                    pairs.push((e[0].clone(), e[1].clone()));
+                }
+            }
+            for (t, rec) in pairs {
+                out.push((tag.clone(), ref_time(&t), rec, chunk.clone()));
+            }
+        }
+        out
+    }
+
+    /// Our decoder, fed the stream in pieces cut at `cuts`, as a connection would be.
+    fn ours(stream: &[u8], cuts: &[usize]) -> Vec<Event> {
+        let mut dec = Decoder::new(1 << 24);
+        let mut buf: Vec<u8> = vec![];
+        let mut inflated = vec![];
+        let mut out = vec![];
+        let mut fed = 0;
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        bounds.push(stream.len());
+        bounds.sort();
+        for b in bounds {
+            buf.extend_from_slice(&stream[fed..b]);
+            fed = b;
+            loop {
+                match dec.decode(&buf).unwrap() {
+                    Decoded::Frame(frame, len) => {
+                        for ev in frame.events(&mut inflated, 1 << 24).unwrap() {
+                            let rec = rmpv::decode::read_value(&mut &ev.record[..]).unwrap();
+                            out.push((
+                                frame.tag.to_string(),
+                                ev.time,
+                                rec,
+                                frame.chunk.map(<[u8]>::to_vec),
+                            ));
+                        }
+                        buf.drain(..len);
+                    }
+                    Decoded::Keepalive => {
+                        buf.drain(..1);
+                    }
+                    Decoded::NeedMore(n) => {
+                        assert!(n > buf.len(), "asked for {n} with {} buffered", buf.len());
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(buf.is_empty(), "bytes left over");
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn decoder_agrees_with_the_reference(
+            specs in proptest::collection::vec(spec(), 1..5),
+            keepalive in any::<bool>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut stream = vec![];
+            for s in &specs {
+                if keepalive {
+                    stream.push(0xc0);
+                }
+                stream.extend(encode(s));
+            }
+            let want = reference(&stream);
+            let total: usize = specs.iter().map(|s| s.events.len()).sum();
+            prop_assert_eq!(want.len(), total);
+            prop_assert_eq!(ours(&stream, &cuts), want);
+        }
+
+        #[test]
+        fn transcoded_json_reads_back_as_the_record(rec in record()) {
+            let mut bytes = vec![];
+            rmpv::encode::write_value(&mut bytes, &rec).unwrap();
+            let mut out = vec![];
+            Shape::new(&ShapeConfig::default()).encode_msgpack(&mut out, "t", EventTime::default(), &bytes);
+            prop_assert_eq!(out.last(), Some(&b'\n'));
+            let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            prop_assert_eq!(got, crate::decode::msgpack_to_json(&rec));
+        }
+    }
+
+    fn frame_err(bytes: &[u8]) -> DecodeError {
+        let mut dec = Decoder::new(1 << 20);
+        let frame = match dec.decode(bytes) {
+            Err(e) => return e,
+            Ok(Decoded::Frame(f, _)) => f,
+            Ok(other) => panic!("no error: {other:?}"),
+        };
+        match frame.events(&mut vec![], 1 << 20) {
+            Err(e) => e,
+            Ok(_) => panic!("no error"),
+        }
+    }
+
+    #[test]
+    fn refuses_broken_frames_with_their_cause() {
+        // ["t", 1, {}] with the tag as an int: [1, 1, {}]
+        assert_eq!(
+            frame_err(&[0x93, 0x01, 0x01, 0x80]),
+            DecodeError::BadTag(0x01)
+        );
+        // ["t", fixext8 type 5, {}]
+        let mut b = vec![0x93, 0xa1, b't', 0xd7, 0x05];
+        b.extend([0; 8]);
+        b.push(0x80);
+        assert_eq!(frame_err(&b), DecodeError::BadExtType(5));
+        // ["t", 1, "not a map"]
+        assert_eq!(
+            frame_err(&[0x93, 0xa1, b't', 0x01, 0xa1, b'x']),
+            DecodeError::BadRecord(0xa1)
+        );
+        // ["t", bin "garbage", {"compressed": "gzip"}]
+        let mut b = vec![0x93, 0xa1, b't', 0xc4, 0x03, 1, 2, 3, 0x81, 0xaa];
+        b.extend(b"compressed");
+        b.extend([0xa4, b'g', b'z', b'i', b'p']);
+        assert_eq!(frame_err(&b), DecodeError::Decompress(Codec::Gzip));
+        // ["t", [[1, {}]], {"size": 2}]
+        let mut b = vec![0x93, 0xa1, b't', 0x91, 0x92, 0x01, 0x80, 0x81, 0xa4];
+        b.extend(b"size");
+        b.push(0x02);
+        assert_eq!(
+            frame_err(&b),
+            DecodeError::SizeMismatch {
+                expected: 2,
+                actual: 1
+            }
+        );
+        // Not a frame at all: an HTTP request on the forward port.
+        assert_eq!(
+            frame_err(b"GET / HTTP/1.1\r\n"),
+            DecodeError::NotAFrame(b'G')
+        );
+        // A frame declaring more bytes than max_frame_bytes is refused up front.
+        assert_eq!(
+            Decoder::new(1024)
+                .decode(&[0x92, 0xa1, b't', 0xc6, 0x7f, 0xff, 0xff, 0xff])
+                .unwrap_err(),
+            DecodeError::FrameTooLarge(1024)
+        );
+    }
+
+    #[test]
+    fn inflating_stops_at_the_limit() {
+        let body = vec![0x92u8; 1 << 20];
+        let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::best());
+        e.write_all(&body).unwrap();
+        let gz = e.finish().unwrap();
+        let mut out = vec![];
+        assert_eq!(
+            inflate(Codec::Gzip, &gz, &mut out, 1000),
+            Err(DecodeError::DecompressedTooLarge(1000))
+        );
+        assert!(out.len() <= 1001);
+    }
+}

@@ -215,6 +215,80 @@ pub fn node_span(n: &Node<'_>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::shape::{Format, Shape, ShapeConfig};
+    use crate::conn::ReadBuf;
+    use crate::decode::EventTime;
+    use proptest::prelude::*;
+    use serde_json::Value as J;
+
+    fn json() -> impl Strategy<Value = J> {
+        let leaf = prop_oneof![
+            Just(J::Null),
+            any::<bool>().prop_map(J::Bool),
+            any::<i64>().prop_map(J::from),
+            any::<u64>().prop_map(J::from),
+            (-1e300f64..1e300).prop_map(J::from),
+            ".{0,30}".prop_map(J::String),
+        ];
+        leaf.prop_recursive(3, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(J::Array),
+                proptest::collection::btree_map("[a-z]{1,6}", inner, 0..5)
+                    .prop_map(|m| J::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn object() -> impl Strategy<Value = J> {
+        proptest::collection::btree_map(".{1,10}", json(), 0..8)
+            .prop_map(|m| J::Object(m.into_iter().collect()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Lines split anywhere across reads come out as the same objects, in JSON and in
+        /// msgpack.
+        #[test]
+        fn lines_survive_any_split(objs in proptest::collection::vec(object(), 1..8), cuts in proptest::collection::vec(any::<usize>(), 0..10), crlf in any::<bool>()) {
+            let mut stream = vec![];
+            for o in &objs {
+                stream.extend(serde_json::to_vec(o).unwrap());
+                stream.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+            }
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            bounds.push(stream.len());
+            bounds.sort();
+            let mut rb = ReadBuf::new(16, 1 << 20, JSON_PADDING);
+            let mut lines = Lines::new(1 << 20);
+            let mut parser = JsonParser::default();
+            let mut json = Shape::new(&ShapeConfig::default());
+            let mut msgpack = Shape::new(&ShapeConfig { format: Format::Msgpack, ..ShapeConfig::default() });
+            let (mut out_json, mut out_mp) = (vec![], vec![]);
+            let mut fed = 0;
+            for b in bounds {
+                let piece = &stream[fed..b];
+                fed = b;
+                rb.spare(piece.len())[..piece.len()].copy_from_slice(piece);
+                rb.filled(piece.len());
+                while let Framed::Line { len, consumed } = lines.next(rb.data()) {
+                    let r = parser.parse(rb.data_padded(), len, |o| {
+                        json.encode_json(&mut out_json, "t", EventTime::default(), o);
+                        msgpack.encode_json(&mut out_mp, "t", EventTime::default(), o);
+                    });
+                    prop_assert!(matches!(r, Ok(Some(()))));
+                    rb.consume(consumed);
+                }
+            }
+            let got: Vec<J> = out_json.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+            prop_assert_eq!(&got, &objs);
+            let mut r = &out_mp[..];
+            for o in &objs {
+                let v = rmpv::decode::read_value(&mut r).unwrap();
+                prop_assert_eq!(&crate::decode::msgpack_to_json(&v), o);
+            }
+        }
+    }
 
     fn padded(s: &[u8]) -> Vec<u8> {
         let mut v = s.to_vec();

@@ -158,3 +158,35 @@ impl From<msgpack::Error> for DecodeError {
         }
     }
 }
+
+/// What serde_json should read back from our transcoding of a msgpack value (tests only).
+#[cfg(test)]
+pub(crate) fn msgpack_to_json(v: &rmpv::Value) -> serde_json::Value {
+    use rmpv::Value;
+    use serde_json::Value as J;
+    match v {
+        Value::Nil => J::Null,
+        Value::Boolean(b) => J::Bool(*b),
+        Value::Integer(i) => match i.as_u64() {
+            Some(u) => J::from(u),
+            None => J::from(i.as_i64().expect("an integer is u64 or i64")),
+        },
+        Value::F32(f) => J::from(*f as f64),
+        Value::F64(f) => J::from(*f),
+        Value::String(s) => J::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Value::Binary(b) => J::String(String::from_utf8_lossy(b).into_owned()),
+        Value::Array(a) => J::Array(a.iter().map(msgpack_to_json).collect()),
+        Value::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(k.as_str().unwrap_or_default().as_bytes())
+                            .into_owned(),
+                        msgpack_to_json(v),
+                    )
+                })
+                .collect(),
+        ),
+        Value::Ext(..) => J::Null,
+    }
+}
