@@ -260,6 +260,15 @@ impl Shard {
         }
     }
 
+    /// Seals the open batches that hold chunks still to be acked. A connection calls this
+    /// when it has read everything and waits on acks: its sender is then most likely
+    /// blocked on them, so lingering would only add latency.
+    pub fn seal_for_acks(&mut self) {
+        for b in &mut self.batchers {
+            b.seal_if_acks_wait();
+        }
+    }
+
     /// Seals every open batch (at shutdown).
     pub fn seal_all(&mut self) {
         for b in &mut self.batchers {

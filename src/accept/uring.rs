@@ -257,6 +257,7 @@ async fn serve<C: Conn>(mut stream: TcpStream, mut conn: C, shard: &Shared) {
                 glommio::yield_if_needed().await;
                 continue;
             }
+            Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(),
             Progress::Read | Progress::Blocked => {}
         }
         let blocked = progress == Progress::Blocked;

@@ -155,6 +155,13 @@ impl Batcher {
         self.push_held();
     }
 
+    /// Seals the open batch if it carries chunks waiting for their acks.
+    pub fn seal_if_acks_wait(&mut self) {
+        if !self.open.tickets.is_empty() {
+            self.seal();
+        }
+    }
+
     /// Seals the open batch if it has lingered long enough.
     pub fn seal_if_due(&mut self, now: Instant) {
         if let Some(t) = self.opened_at {

@@ -147,8 +147,25 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
         next: 0,
     };
     let mut c = SinkCounters::default();
-    let mut last_report = Instant::now();
-    while let Some(mut batch) = inbox.next().await {
+    let mut next_report = tokio::time::Instant::now() + REPORT_EVERY;
+    loop {
+        let next = futures_lite::future::or(async { Some(inbox.next().await) }, async {
+            tokio::time::sleep_until(next_report).await;
+            None
+        })
+        .await;
+        let mut batch = match next {
+            Some(Some(b)) => b,
+            Some(None) => break,
+            None => {
+                let _ = reporter.send(Report::Sink {
+                    sink: index,
+                    counters: c,
+                });
+                next_report += REPORT_EVERY;
+                continue;
+            }
+        };
         if let Some(w) = writer.take() {
             let (w, b) = write_until_done(&sink.name, w, batch, &mut c).await;
             writer = Some(w);
@@ -158,13 +175,6 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
         c.events += batch.events as u64;
         c.bytes += batch.data.len() as u64;
         give_back(&ports.done, batch).await;
-        if last_report.elapsed() >= REPORT_EVERY {
-            let _ = reporter.send(Report::Sink {
-                sink: index,
-                counters: c,
-            });
-            last_report = Instant::now();
-        }
     }
     if let Some(mut w) = writer {
         if let Err(e) = w.close() {

@@ -1,1 +1,8 @@
+//! The one integration-test binary: it starts the real `sluice` binary on loopback ports
+//! and talks to it with real clients. Run it through `tests/run.sh`, which installs the
+//! clients first.
 
+mod clients;
+mod forward;
+mod frames;
+mod harness;
