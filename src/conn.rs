@@ -334,6 +334,7 @@ impl Conn for JsonConn {
                         shard.refused(e, "Skipping a line", self.link.peer.get());
                     }
                     self.rb.consume(consumed);
+                    budget = budget.saturating_sub(consumed);
                 }
                 Framed::NeedMore => {
                     self.rb.shrink();

@@ -45,6 +45,9 @@ impl Lines {
     /// Finds the next line at the start of `buf`. Between calls `buf` keeps its start,
     /// unless the caller drops the bytes this returned as consumed.
     pub fn next(&mut self, buf: &[u8]) -> Framed {
+        if buf.len() <= self.scanned {
+            return Framed::NeedMore;
+        }
         match memchr::memchr(b'\n', &buf[self.scanned.min(buf.len())..]) {
             Some(i) => {
                 let nl = self.scanned + i;
@@ -333,6 +336,23 @@ mod tests {
             Framed::Line {
                 len: 2,
                 consumed: 3
+            }
+        );
+        // Everything of the long line so far was dropped: an empty buffer needs more input
+        // (this once spun forever).
+        assert_eq!(
+            l.next(b"0123456789"),
+            Framed::Discard {
+                consumed: 10,
+                error: Some(DecodeError::LineTooLong(4))
+            }
+        );
+        assert_eq!(l.next(b""), Framed::NeedMore);
+        assert_eq!(
+            l.next(b"x\n"),
+            Framed::Discard {
+                consumed: 2,
+                error: None
             }
         );
         // A long line whose newline is already buffered.

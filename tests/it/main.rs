@@ -6,3 +6,4 @@ mod clients;
 mod forward;
 mod frames;
 mod harness;
+mod json_lines;
