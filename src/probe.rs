@@ -46,6 +46,9 @@ pub fn check_uring() -> Result<(), ProbeError> {
     {
         return Err(ProbeError::Disabled);
     }
+    // glommio panics rather than fails when the io_uring calls are refused, so ask the
+    // kernel for a ring first.
+    drop(io_uring::IoUring::new(4).map_err(classify_io)?);
     // Build an executor the way the cores will, on a thread of its own, and drop it.
     std::thread::spawn(|| {
         glommio::LocalExecutorBuilder::default()
@@ -87,6 +90,10 @@ pub fn classify<T>(e: glommio::GlommioError<T>) -> ProbeError {
         }
         other => return ProbeError::Other(other.to_string()),
     };
+    classify_io(io)
+}
+
+fn classify_io(io: io::Error) -> ProbeError {
     match io.raw_os_error() {
         Some(nix::libc::EPERM) | Some(nix::libc::EACCES) => ProbeError::Blocked(io),
         Some(nix::libc::ENOSYS) => ProbeError::NoUring(io),

@@ -69,9 +69,14 @@ impl Sluice {
         let config = config.replace("{dir}", dir.to_str().unwrap());
         let path = dir.join("sluice.toml");
         std::fs::write(&path, config).unwrap();
+        let args = ["run".into(), "--config".into(), path.into_os_string()];
+        Sluice::spawn(dir, &args, opts)
+    }
+
+    /// Starts `sluice ARGS...` and waits until it is ready.
+    pub fn spawn(dir: PathBuf, args: &[std::ffi::OsString], opts: Opts) -> Sluice {
         let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
+            .args(args)
             .env("SLUICE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(if opts.pipe_stdout {

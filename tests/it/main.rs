@@ -2,6 +2,9 @@
 //! and talks to it with real clients. Run it through `tests/run.sh`, which installs the
 //! clients first.
 
+mod backpressure;
+mod bad_input;
+mod cli;
 mod clients;
 mod forward;
 mod frames;

@@ -1,0 +1,191 @@
+//! The `sluice` command as a user meets it: help, validate, the embedded default config,
+//! the example configs, and start-up failures that say what to change.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::harness::{BIN, Opts, Sluice, scratch_dir};
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run sluice")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn help_explains_each_subcommand() {
+    let o = sluice(&["--help"]);
+    assert!(o.status.success());
+    let t = text(&o);
+    for want in [
+        "run",
+        "validate",
+        "default-config",
+        "24224",
+        "5170",
+        "SLUICE_LOG",
+    ] {
+        assert!(t.contains(want), "--help lacks {want}:\n{t}");
+    }
+    let t = text(&sluice(&["run", "--help"]));
+    assert!(t.contains("--config") && t.contains("SIGTERM"), "{t}");
+    let t = text(&sluice(&["validate", "--help"]));
+    assert!(t.contains("Exits 0"), "{t}");
+}
+
+#[test]
+fn validate_accepts_good_files_and_names_the_key_in_bad_ones() {
+    let dir = scratch_dir("validate");
+    let good = dir.join("good.toml");
+    let o = Command::new(BIN).arg("default-config").output().unwrap();
+    std::fs::write(&good, &o.stdout).unwrap();
+    let o = sluice(&["validate", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("is valid") && t.contains("input forward: forward on 0.0.0.0:24224"),
+        "{t}"
+    );
+    assert!(t.contains("route 0: ** -> stdout"), "{t}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&good)
+            .unwrap()
+            .replace("sinks = \"stdout\"", "sinks = \"s3\""),
+    )
+    .unwrap();
+    let o = sluice(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(
+        t.contains("routes[0].sinks[0]: no sink is named \"s3\""),
+        "{t}"
+    );
+}
+
+/// The classic Fargate aggregator, translated. It routes to Firehose, which arrives with
+/// the next release; until then validation says so, naming the sink.
+#[test]
+fn fargate_example_waits_for_the_firehose_sink() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fargate-aggregator.toml");
+    let o = sluice(&["validate", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(
+        t.contains("\"firehose\" sinks are not available in this version yet"),
+        "{t}"
+    );
+}
+
+#[test]
+fn local_example_validates() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/local.toml");
+    let o = sluice(&["validate", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// `sluice` with no arguments: Forward on 24224 and JSON lines on 5170, to stdout.
+#[test]
+fn embedded_default_config_prints_events_to_stdout() {
+    let mut s = Sluice::spawn(scratch_dir("default"), &[], Opts { pipe_stdout: true });
+    let mut j = TcpStream::connect("127.0.0.1:5170").unwrap();
+    j.write_all(b"{\"tag\":\"app.web\",\"msg\":\"hello from nc\"}\n")
+        .unwrap();
+    drop(j);
+    let mut out = BufReader::new(s.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["tag"], "app.web");
+    assert_eq!(v["msg"], "hello from nc");
+    assert!(v["time"].as_str().unwrap().ends_with('Z'), "{line}");
+    assert_eq!(s.addr("forward").port(), 24224);
+    let (status, logs) = s.stop();
+    assert!(
+        status.success(),
+        "graceful exit on SIGTERM: {status}\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("Final stats") && l.contains("events_in=1")),
+        "{}",
+        logs.join("\n")
+    );
+}
+
+fn start_fails(cmd: &mut Command) -> String {
+    let dir = scratch_dir("startfail");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        crate::forward::ROUTES.replace("{dir}", dir.to_str().unwrap()),
+    )
+    .unwrap();
+    let o = cmd
+        .arg(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    text(&o)
+}
+
+#[test]
+fn too_little_locked_memory_is_explained() {
+    let t = start_fails(Command::new("prlimit").arg("--memlock=0"));
+    assert!(
+        t.contains("RLIMIT_MEMLOCK") && t.contains("ulimit -l"),
+        "{t}"
+    );
+}
+
+/// As under Docker's default seccomp profile: the io_uring calls fail with EPERM.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn blocked_io_uring_is_explained() {
+    let helper = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no_uring");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/helpers/no_uring.c");
+    let o = Command::new("cc")
+        .arg("-o")
+        .arg(&helper)
+        .arg(&src)
+        .output()
+        .expect("a C compiler (cc)");
+    assert!(o.status.success(), "building no_uring: {}", text(&o));
+    let t = start_fails(&mut Command::new(&helper));
+    assert!(
+        t.contains("io_uring_setup was refused") && t.contains("seccomp"),
+        "{t}"
+    );
+    assert!(!t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn a_taken_port_is_reported_with_its_input() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = crate::forward::ROUTES.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let dir = scratch_dir("taken");
+    let path = dir.join("c.toml");
+    std::fs::write(&path, cfg.replace("{dir}", dir.to_str().unwrap())).unwrap();
+    let o = sluice(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(
+        t.contains(&format!(
+            "inputs.fwd.address: cannot bind 127.0.0.1:{port} (TCP)"
+        )),
+        "{t}"
+    );
+}
