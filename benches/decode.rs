@@ -1,1 +1,278 @@
-fn main() {}
+//! Criterion benchmarks of the per-core hot path, one core, no I/O:
+//! - `forward_decode/<mode>/<size>`: find, validate and iterate the events of Forward
+//!   frames in every mode, with 200 B and 2 KiB Docker-style records;
+//! - `packed_to_json/200B`: PackedForward decode plus transcoding to JSON lines, the
+//!   path a Docker log takes to a JSON sink (the 1 GB/s per core bar);
+//! - `transcode/<size>`: msgpack → JSON of records alone;
+//! - `json_lines/<size>`: line framing, simd-json validation and re-encoding.
+//!
+//! Throughput is in input bytes. Run with `cargo bench --bench decode`.
+
+use std::hint::black_box;
+use std::io::Write;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rmpv::Value;
+use sluice::batch::shape::{Shape, ShapeConfig};
+use sluice::decode::EventTime;
+use sluice::decode::forward::{Decoded, Decoder, Scratch};
+use sluice::decode::jsonl::{Framed, JsonParser, Lines};
+use sluice::limits::JSON_PADDING;
+
+const EVENTS_PER_FRAME: usize = 1000;
+
+/// A Docker fluentd-driver record of about `size` bytes of msgpack.
+fn docker_record(i: usize, size: usize) -> Value {
+    let base = 135;
+    let log: String = format!("{i:08} GET /api/items?page={i} HTTP/1.1 200 ")
+        .chars()
+        .chain(std::iter::repeat('x'))
+        .take(size.saturating_sub(base).max(8))
+        .collect();
+    Value::Map(vec![
+        (
+            "container_id".into(),
+            "4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8".into(),
+        ),
+        ("container_name".into(), "/web-1".into()),
+        ("source".into(), "stdout".into()),
+        ("log".into(), log.into()),
+    ])
+}
+
+fn entries(size: usize, n: usize) -> Vec<u8> {
+    let mut out = vec![];
+    for i in 0..n {
+        out.extend([0x92, 0xd7, 0x00]);
+        out.extend(1_700_000_000u32.to_be_bytes());
+        out.extend((i as u32).to_be_bytes());
+        rmpv::encode::write_value(&mut out, &docker_record(i, size)).unwrap();
+    }
+    out
+}
+
+fn frame(mode: &str, size: usize) -> Vec<u8> {
+    let n = if mode == "message" {
+        1
+    } else {
+        EVENTS_PER_FRAME
+    };
+    let body = entries(size, n);
+    let mut out = vec![];
+    let tag = "docker.web";
+    match mode {
+        "message" => {
+            // [tag, time, record]: the entry without its array head
+            rmp::encode::write_array_len(&mut out, 3).unwrap();
+            rmp::encode::write_str(&mut out, tag).unwrap();
+            out.extend(&body[1..]);
+        }
+        "forward" => {
+            rmp::encode::write_array_len(&mut out, 2).unwrap();
+            rmp::encode::write_str(&mut out, tag).unwrap();
+            rmp::encode::write_array_len(&mut out, n as u32).unwrap();
+            out.extend(body);
+        }
+        "packed" => {
+            rmp::encode::write_array_len(&mut out, 2).unwrap();
+            rmp::encode::write_str(&mut out, tag).unwrap();
+            rmp::encode::write_bin(&mut out, &body).unwrap();
+        }
+        "gzip" | "zstd" => {
+            let z = if mode == "gzip" {
+                let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+                e.write_all(&body).unwrap();
+                e.finish().unwrap()
+            } else {
+                zstd::encode_all(&body[..], 3).unwrap()
+            };
+            rmp::encode::write_array_len(&mut out, 3).unwrap();
+            rmp::encode::write_str(&mut out, tag).unwrap();
+            rmp::encode::write_bin(&mut out, &z).unwrap();
+            rmpv::encode::write_value(
+                &mut out,
+                &Value::Map(vec![("compressed".into(), mode.into())]),
+            )
+            .unwrap();
+        }
+        _ => unreachable!(),
+    }
+    out
+}
+
+/// A stream of frames of about 1 MiB of records.
+fn stream(mode: &str, size: usize) -> Vec<u8> {
+    let one = frame(mode, size);
+    let per = if mode == "message" {
+        1
+    } else {
+        EVENTS_PER_FRAME
+    };
+    let frames = ((1 << 20) / (size * per)).max(1);
+    one.repeat(frames)
+}
+
+/// Decodes a stream and calls `f` for each event; returns the event count.
+fn decode(
+    stream: &[u8],
+    scratch: &mut Scratch,
+    mut f: impl FnMut(&str, EventTime, &[u8]),
+) -> usize {
+    let mut dec = Decoder::new(64 << 20);
+    let mut pos = 0;
+    let mut n = 0;
+    while pos < stream.len() {
+        match dec.decode(&stream[pos..]).unwrap() {
+            Decoded::Frame(frame, len) => {
+                for ev in frame.events(scratch, 64 << 20).unwrap() {
+                    f(frame.tag, ev.time, ev.record);
+                    n += 1;
+                }
+                pos += len;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    n
+}
+
+fn forward_decode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("forward_decode");
+    for mode in ["message", "forward", "packed", "gzip", "zstd"] {
+        for size in [200, 2048] {
+            let input = stream(mode, size);
+            g.throughput(Throughput::Bytes(input.len() as u64));
+            let mut scratch = Scratch::default();
+            g.bench_function(format!("{mode}/{size}B"), |b| {
+                b.iter(|| {
+                    decode(black_box(&input), &mut scratch, |_, t, r| {
+                        black_box((t, r));
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn packed_to_json(c: &mut Criterion) {
+    let mut g = c.benchmark_group("packed_to_json");
+    for size in [200, 2048] {
+        let input = stream("packed", size);
+        g.throughput(Throughput::Bytes(input.len() as u64));
+        let mut shape = Shape::new(&ShapeConfig::default());
+        let mut out = Vec::with_capacity(4 * input.len());
+        let mut scratch = Scratch::default();
+        g.bench_function(format!("{size}B"), |b| {
+            b.iter(|| {
+                out.clear();
+                decode(black_box(&input), &mut scratch, |tag, t, r| {
+                    shape.encode_msgpack(&mut out, tag, t, r);
+                })
+            })
+        });
+    }
+    // With the tag and an RFC 3339 time injected, as the default config writes.
+    let input = stream("packed", 200);
+    g.throughput(Throughput::Bytes(input.len() as u64));
+    let mut shape = Shape::new(&ShapeConfig {
+        tag_key: Some("tag".into()),
+        time_key: Some("time".into()),
+        ..ShapeConfig::default()
+    });
+    let mut out = Vec::with_capacity(4 * input.len());
+    let mut scratch = Scratch::default();
+    g.bench_function("200B+tag+time", |b| {
+        b.iter(|| {
+            out.clear();
+            decode(black_box(&input), &mut scratch, |tag, t, r| {
+                shape.encode_msgpack(&mut out, tag, t, r);
+            })
+        })
+    });
+    g.finish();
+}
+
+fn transcode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("transcode");
+    for size in [200, 2048] {
+        let records: Vec<Vec<u8>> = (0..EVENTS_PER_FRAME)
+            .map(|i| {
+                let mut v = vec![];
+                rmpv::encode::write_value(&mut v, &docker_record(i, size)).unwrap();
+                v
+            })
+            .collect();
+        let bytes: usize = records.iter().map(Vec::len).sum();
+        g.throughput(Throughput::Bytes(bytes as u64));
+        let mut shape = Shape::new(&ShapeConfig::default());
+        let mut out = Vec::with_capacity(4 * bytes);
+        g.bench_function(format!("{size}B"), |b| {
+            b.iter(|| {
+                out.clear();
+                for r in &records {
+                    shape.encode_msgpack(&mut out, "t", EventTime::default(), black_box(r));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn json_lines(c: &mut Criterion) {
+    let mut g = c.benchmark_group("json_lines");
+    for size in [200, 2048] {
+        let mut input = Vec::new();
+        while input.len() < 1 << 20 {
+            input.extend(docker_json(input.len(), size).as_bytes());
+            input.push(b'\n');
+        }
+        let len = input.len();
+        g.throughput(Throughput::Bytes(len as u64));
+        let mut shape = Shape::new(&ShapeConfig::default());
+        let mut parser = JsonParser::default();
+        let mut out = Vec::with_capacity(2 * len);
+        let mut buf = input.clone();
+        buf.resize(len + JSON_PADDING, 0);
+        g.bench_function(format!("{size}B"), |b| {
+            b.iter(|| {
+                // simd-json unescapes in place; these lines have no escapes, so the buffer
+                // is the same every round.
+                out.clear();
+                let mut lines = Lines::new(1 << 20);
+                let mut pos = 0;
+                while let Framed::Line { len, consumed } = lines.next(&buf[pos..len]) {
+                    parser
+                        .parse(&mut buf[pos..], len, |o| {
+                            shape.encode_json(&mut out, "t", EventTime::default(), o);
+                        })
+                        .unwrap();
+                    pos += consumed;
+                }
+                black_box(&out);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The JSON text of a Docker record (its fields are all strings).
+fn docker_json(i: usize, size: usize) -> String {
+    let Value::Map(fields) = docker_record(i, size) else {
+        unreachable!()
+    };
+    let obj: serde_json::Map<String, serde_json::Value> = fields
+        .into_iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().into()))
+        .collect();
+    serde_json::to_string(&obj).unwrap()
+}
+
+criterion_group!(
+    benches,
+    forward_decode,
+    packed_to_json,
+    transcode,
+    json_lines
+);
+criterion_main!(benches);

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::Waker;
 
-use crate::decode::forward::{Decoded, Decoder};
+use crate::decode::forward::{Decoded, Decoder, Scratch};
 use crate::decode::jsonl::{Framed, JsonParser, Lines, field_str};
 use crate::decode::{DecodeError, EventTime};
 use crate::limits::{JSON_PADDING, READ_CHUNK};
@@ -181,8 +181,8 @@ const TURN: usize = 1 << 20;
 pub struct ForwardConn {
     rb: ReadBuf,
     decoder: Decoder,
-    /// CompressedPackedForward entries are inflated here.
-    inflated: Vec<u8>,
+    /// The core's buffers for validating and inflating frames.
+    scratch: Rc<RefCell<Scratch>>,
     max_inflated: usize,
     /// Bytes the decoder needs before it can go on.
     need: usize,
@@ -190,11 +190,11 @@ pub struct ForwardConn {
 }
 
 impl ForwardConn {
-    pub fn new(max_frame: usize, max_inflated: usize) -> Self {
+    pub fn new(max_frame: usize, max_inflated: usize, scratch: Rc<RefCell<Scratch>>) -> Self {
         ForwardConn {
             rb: ReadBuf::new(READ_CHUNK, max_frame + READ_CHUNK, 0),
             decoder: Decoder::new(max_frame),
-            inflated: Vec::new(),
+            scratch,
             max_inflated,
             need: 1,
             link: Rc::new(Link::default()),
@@ -226,13 +226,12 @@ impl Conn for ForwardConn {
             }
             match self.decoder.decode(self.rb.data()) {
                 Ok(Decoded::Frame(frame, len)) => {
-                    match frame.events(&mut self.inflated, self.max_inflated) {
+                    let mut scratch = self.scratch.borrow_mut();
+                    match frame.events(&mut scratch, self.max_inflated) {
                         Ok(events) => shard.ingest_forward(&frame, events, &self.link),
                         Err(e) => return Progress::Close(e),
                     }
-                    if self.inflated.capacity() > 4 * READ_CHUNK {
-                        self.inflated = Vec::new();
-                    }
+                    drop(scratch);
                     self.rb.consume(len);
                     self.need = 1;
                     budget = budget.saturating_sub(len);

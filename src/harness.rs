@@ -51,13 +51,13 @@ pub fn forward_stream(data: &[u8], split: usize) -> Decoded {
         other: Vec::new(),
         error: None,
     };
-    let mut inflated = Vec::new();
+    let mut scratch = crate::decode::forward::Scratch::default();
     let mut buf: Vec<u8> = data[..split].to_vec();
     let mut fed_all = split == data.len();
     let mut pos = 0;
     loop {
         let error = match dec.decode(&buf[pos..]) {
-            Ok(Frame(frame, len)) => match frame.events(&mut inflated, 4 << 20) {
+            Ok(Frame(frame, len)) => match frame.events(&mut scratch, 4 << 20) {
                 Ok(events) => {
                     for ev in events {
                         let (json, rest) = shapes.split_at_mut(1);

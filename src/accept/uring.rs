@@ -19,6 +19,7 @@ use glommio::timer::sleep;
 use super::CoreSockets;
 use crate::config::{Config, InputKind};
 use crate::conn::{Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram};
+use crate::decode::forward::Scratch;
 use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
 use crate::metrics::Reporter;
@@ -183,6 +184,7 @@ impl Proto {
 
 async fn accept(listener: TcpListener, kind: InputKind, limit: usize, shard: Shared, gate: Gate) {
     let proto = Proto::of(&kind);
+    let scratch = Rc::new(RefCell::new(Scratch::default()));
     let open = Rc::new(Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
@@ -209,7 +211,7 @@ async fn accept(listener: TcpListener, kind: InputKind, limit: usize, shard: Sha
                 max_frame,
                 max_inflated,
             } => {
-                let conn = ForwardConn::new(*max_frame, *max_inflated);
+                let conn = ForwardConn::new(*max_frame, *max_inflated, scratch.clone());
                 gate.spawn(async move {
                     serve(stream, conn, &shard).await;
                     open.set(open.get() - 1);

@@ -4,17 +4,24 @@
 use crate::decode::EventTime;
 
 /// Writes `s` as a JSON string. Invalid UTF-8 becomes U+FFFD, so the output is always
-/// valid JSON.
+/// valid JSON. ASCII text, the common case, takes one pass: escapes and non-ASCII bytes
+/// are found together, eight bytes at a time, and only text past the first non-ASCII byte
+/// is validated as UTF-8.
 #[inline]
 pub fn write_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
-    if simdutf8::basic::from_utf8(s).is_ok() {
-        escape(out, s);
-    } else {
-        for chunk in s.utf8_chunks() {
-            escape(out, chunk.valid().as_bytes());
-            if !chunk.invalid().is_empty() {
-                out.extend_from_slice("\u{FFFD}".as_bytes());
+    if let Some(at) = escape(out, s, true) {
+        // Everything before `at` was ASCII, so `at` starts a character.
+        let rest = &s[at..];
+        if simdutf8::basic::from_utf8(rest).is_ok() {
+            escape(out, rest, false);
+        } else {
+            for chunk in rest.utf8_chunks() {
+                escape(out, chunk.valid().as_bytes(), false);
+                if !chunk.invalid().is_empty() {
+                    out.extend_from_slice("\u{FFFD}".as_bytes());
+                }
             }
         }
     }
@@ -37,26 +44,36 @@ fn escapes(w: u64) -> u64 {
     control | zero_bytes(w ^ (LO * b'"' as u64)) | zero_bytes(w ^ (LO * b'\\' as u64))
 }
 
-/// Copies valid UTF-8 with JSON escapes, eight bytes at a time between escapes.
-#[inline]
-fn escape(out: &mut Vec<u8>, s: &[u8]) {
+/// Copies `s` with JSON escapes, eight bytes at a time between escapes. With `ascii`, it
+/// stops at the first byte of 0x80 or above and returns its offset, having copied what
+/// came before.
+#[inline(always)]
+fn escape(out: &mut Vec<u8>, s: &[u8], ascii: bool) -> Option<usize> {
+    let stop = if ascii { HI } else { 0 };
     let mut start = 0;
     let mut i = 0;
     while i + 8 <= s.len() {
         let w = u64::from_le_bytes(s[i..i + 8].try_into().unwrap());
-        let m = escapes(w);
+        let m = escapes(w) | (w & stop);
         if m == 0 {
             i += 8;
             continue;
         }
         let j = i + (m.trailing_zeros() / 8) as usize;
         out.extend_from_slice(&s[start..j]);
+        if ascii && s[j] >= 0x80 {
+            return Some(j);
+        }
         escape_byte(out, s[j]);
         i = j + 1;
         start = i;
     }
     while i < s.len() {
         let b = s[i];
+        if ascii && b >= 0x80 {
+            out.extend_from_slice(&s[start..i]);
+            return Some(i);
+        }
         if b < 0x20 || b == b'"' || b == b'\\' {
             out.extend_from_slice(&s[start..i]);
             escape_byte(out, b);
@@ -65,6 +82,7 @@ fn escape(out: &mut Vec<u8>, s: &[u8]) {
         i += 1;
     }
     out.extend_from_slice(&s[start..]);
+    None
 }
 
 #[cold]

@@ -327,22 +327,23 @@ impl Shape {
             return Err(Malformed);
         };
         for _ in 0..n {
-            if let Head::Str(len) = r.peek_head()? {
-                r.head()?;
-                let key = r.take(len as usize)?;
-                if self.dropped(key) {
+            match r.str() {
+                Some(key) if self.dropped(key) => {
                     r.skip()?;
                     continue;
                 }
-                if !first {
-                    out.push(b',');
+                Some(key) => {
+                    if !first {
+                        out.push(b',');
+                    }
+                    json::write_str(out, key);
                 }
-                json::write_str(out, key);
-            } else {
-                if !first {
-                    out.push(b',');
+                None => {
+                    if !first {
+                        out.push(b',');
+                    }
+                    write_key_json(out, &mut r)?;
                 }
-                write_key_json(out, &mut r)?;
             }
             first = false;
             out.push(b':');
@@ -480,6 +481,10 @@ fn write_key_json(out: &mut Vec<u8>, r: &mut Reader<'_>) -> Result<(), Malformed
 /// Transcodes one msgpack value to JSON, advancing `r` past it.
 #[inline]
 fn transcode(out: &mut Vec<u8>, r: &mut Reader<'_>, depth: usize) -> Result<(), Malformed> {
+    if let Some(s) = r.str() {
+        json::write_str(out, s);
+        return Ok(());
+    }
     let head = r.head()?;
     transcode_head(out, r, head, depth)
 }
@@ -519,11 +524,9 @@ fn transcode_head(
                 if i > 0 {
                     out.push(b',');
                 }
-                if let Head::Str(len) = r.peek_head()? {
-                    r.head()?;
-                    json::write_str(out, r.take(len as usize)?);
-                } else {
-                    write_key_json(out, r)?;
+                match r.str() {
+                    Some(key) => json::write_str(out, key),
+                    None => write_key_json(out, r)?,
                 }
                 out.push(b':');
                 transcode(out, r, depth + 1)?;

@@ -1,10 +1,11 @@
 //! Forward protocol v1: frame boundaries, the four modes, options and events.
 //!
-//! [`Decoder::decode`] finds one frame in a byte stream that arrives in pieces and
-//! validates it whole: every entry, the `size` option, the nesting depth. Only then does
-//! the caller iterate its events, so a bad frame is refused before any of it is routed.
-//! Events borrow the connection's buffer (or, for CompressedPackedForward, the buffer the
-//! entries were inflated into).
+//! [`Decoder::decode`] finds one frame in a byte stream that arrives in pieces and reads
+//! its tag, mode and options. [`Frame::events`] then validates every entry, the `size`
+//! option and the nesting depth in one pass, noting where each record lies, before it
+//! hands out the first event: a bad frame is refused before any of it is routed. Events
+//! borrow the connection's buffer (or, for CompressedPackedForward, the per-core buffer
+//! the entries were inflated into).
 //!
 //! Spec: <https://github.com/fluent/fluentd/wiki/Forward-Protocol-Specification-v1>
 
@@ -26,8 +27,8 @@ pub struct Event<'a> {
 pub enum Entries<'a> {
     /// Message mode: a single event.
     Message(Event<'a>),
-    /// Forward and PackedForward modes: concatenated `[time, record]` entries, validated.
-    /// CompressedPackedForward: the compressed bytes, validated once inflated.
+    /// Forward and PackedForward modes: concatenated `[time, record]` entries.
+    /// CompressedPackedForward: the compressed bytes. Validated by [`Frame::events`].
     Stream {
         body: &'a [u8],
         codec: Option<Codec>,
@@ -156,15 +157,8 @@ pub fn parse_frame(frame: &[u8]) -> Result<Frame<'_>, DecodeError> {
             check_size(opts.size, count)?;
             Entries::Stream { body, codec: None }
         }
-        (Mode::Packed(body), None) => {
-            check_size(opts.size, count_entries(body)?)?;
-            Entries::Stream { body, codec: None }
-        }
-        // Checked by `Frame::events` once inflated.
-        (Mode::Packed(body), Some(codec)) => Entries::Stream {
-            body,
-            codec: Some(codec),
-        },
+        // Entries are validated, and counted against `size`, by `Frame::events`.
+        (Mode::Packed(body), codec) => Entries::Stream { body, codec },
         // Only PackedForward entries are bytes that can be compressed.
         (_, Some(_)) => return Err(DecodeError::BadOptionValue("compressed")),
     };
@@ -317,17 +311,6 @@ fn next_entry<'a>(r: &mut Reader<'a>) -> Result<Event<'a>, DecodeError> {
     Ok(Event { time, record })
 }
 
-/// Validates concatenated entries and counts them.
-pub fn count_entries(body: &[u8]) -> Result<u64, DecodeError> {
-    let mut r = Reader::new(body);
-    let mut n = 0;
-    while !r.is_empty() {
-        next_entry(&mut r)?;
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// Inflates CompressedPackedForward entries into `out`, refusing more than `max` bytes.
 pub fn inflate(
     codec: Codec,
@@ -352,46 +335,108 @@ pub fn inflate(
     }
 }
 
+/// Where one validated entry's record lies in the entries.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    time: EventTime,
+    start: u32,
+    end: u32,
+}
+
+/// Most entries noted per frame; a frame with more (only a hostile one has millions of
+/// tiny entries) has the rest parsed a second time instead of noted.
+const MAX_SPANS: usize = 1 << 16;
+
+/// Per-core buffers that frames are validated and inflated into, reused frame after frame.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    inflated: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+impl Scratch {
+    /// Gives back memory a large frame made it take.
+    fn trim(&mut self) {
+        if self.inflated.capacity() > 4 << 20 {
+            self.inflated = Vec::new();
+        }
+    }
+}
+
+/// Validates concatenated entries, noting where each record lies; returns their number.
+fn note_entries(body: &[u8], spans: &mut Vec<Span>) -> Result<u64, DecodeError> {
+    spans.clear();
+    let mut r = Reader::new(body);
+    let mut n = 0;
+    while !r.is_empty() {
+        let ev = next_entry(&mut r)?;
+        if spans.len() < MAX_SPANS {
+            let end = r.pos();
+            spans.push(Span {
+                time: ev.time,
+                start: (end - ev.record.len()) as u32,
+                end: end as u32,
+            });
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 impl<'a> Frame<'a> {
-    /// The frame's events. Compressed entries are inflated into `scratch` (at most
-    /// `max_inflated` bytes) and validated there first.
+    /// Validates the frame's entries and returns its events. Compressed entries are
+    /// inflated into `scratch` first (at most `max_inflated` bytes).
     pub fn events<'b>(
         &self,
-        scratch: &'b mut Vec<u8>,
+        scratch: &'b mut Scratch,
         max_inflated: usize,
     ) -> Result<Events<'b>, DecodeError>
     where
         'a: 'b,
     {
-        match self.entries {
-            Entries::Message(ev) => Ok(Events {
-                r: Reader::new(&[]),
-                one: Some(ev),
-            }),
-            Entries::Stream { body, codec: None } => Ok(Events {
-                r: Reader::new(body),
-                one: None,
-            }),
+        scratch.trim();
+        let body = match self.entries {
+            Entries::Message(ev) => {
+                return Ok(Events {
+                    body: &[],
+                    spans: [].iter(),
+                    rest: Reader::new(&[]),
+                    one: Some(ev),
+                });
+            }
+            Entries::Stream { body, codec: None } => body,
             Entries::Stream {
                 body,
                 codec: Some(codec),
             } => {
-                inflate(codec, body, scratch, max_inflated)?;
-                let count = count_entries(scratch)?;
-                check_size(self.size, count)?;
-                Ok(Events {
-                    r: Reader::new(scratch),
-                    one: None,
-                })
+                inflate(codec, body, &mut scratch.inflated, max_inflated)?;
+                &scratch.inflated[..]
             }
-        }
+        };
+        let count = note_entries(body, &mut scratch.spans)?;
+        check_size(self.size, count)?;
+        let rest = match scratch.spans.last() {
+            Some(last) if count as usize > scratch.spans.len() => {
+                Reader::new(&body[last.end as usize..])
+            }
+            _ => Reader::new(&[]),
+        };
+        Ok(Events {
+            body,
+            spans: scratch.spans.iter(),
+            rest,
+            one: None,
+        })
     }
 }
 
 /// The events of a validated frame, in order.
 #[derive(Debug)]
 pub struct Events<'a> {
-    r: Reader<'a>,
+    body: &'a [u8],
+    spans: std::slice::Iter<'a, Span>,
+    /// Entries past the noted ones, parsed as they are read.
+    rest: Reader<'a>,
     one: Option<Event<'a>>,
 }
 
@@ -400,14 +445,20 @@ impl<'a> Iterator for Events<'a> {
 
     #[inline]
     fn next(&mut self) -> Option<Event<'a>> {
+        if let Some(s) = self.spans.next() {
+            return Some(Event {
+                time: s.time,
+                record: &self.body[s.start as usize..s.end as usize],
+            });
+        }
         if let Some(ev) = self.one.take() {
             return Some(ev);
         }
-        if self.r.is_empty() {
+        if self.rest.is_empty() {
             return None;
         }
-        // The entries were validated when the frame was decoded.
-        next_entry(&mut self.r).ok()
+        // Validated already, so this cannot fail; if it did, the stream would just end.
+        next_entry(&mut self.rest).ok()
     }
 }
 
@@ -727,7 +778,7 @@ mod tests {
     fn ours(stream: &[u8], cuts: &[usize]) -> Vec<Event> {
         let mut dec = Decoder::new(1 << 24);
         let mut buf: Vec<u8> = vec![];
-        let mut inflated = vec![];
+        let mut scratch = Scratch::default();
         let mut out = vec![];
         let mut fed = 0;
         let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
@@ -739,7 +790,7 @@ mod tests {
             loop {
                 match dec.decode(&buf).unwrap() {
                     Decoded::Frame(frame, len) => {
-                        for ev in frame.events(&mut inflated, 1 << 24).unwrap() {
+                        for ev in frame.events(&mut scratch, 1 << 24).unwrap() {
                             let rec = rmpv::decode::read_value(&mut &ev.record[..]).unwrap();
                             out.push((
                                 frame.tag.to_string(),
@@ -805,7 +856,7 @@ mod tests {
             Ok(Decoded::Frame(f, _)) => f,
             Ok(other) => panic!("no error: {other:?}"),
         };
-        match frame.events(&mut vec![], 1 << 20) {
+        match frame.events(&mut Scratch::default(), 1 << 20) {
             Err(e) => e,
             Ok(_) => panic!("no error"),
         }
@@ -856,6 +907,30 @@ mod tests {
                 .unwrap_err(),
             DecodeError::FrameTooLarge(1024)
         );
+    }
+
+    #[test]
+    fn frames_with_more_entries_than_noted_still_yield_them_all() {
+        let n = MAX_SPANS + 1000;
+        let mut body = vec![];
+        for i in 0..n {
+            body.extend([0x92]);
+            rmp::encode::write_uint(&mut body, i as u64).unwrap();
+            body.push(0x80);
+        }
+        let mut f = vec![0x92, 0xa1, b't'];
+        rmp::encode::write_bin(&mut f, &body).unwrap();
+        let Ok(Decoded::Frame(frame, _)) = Decoder::new(1 << 24).decode(&f) else {
+            panic!("a frame")
+        };
+        let mut scratch = Scratch::default();
+        let times: Vec<i64> = frame
+            .events(&mut scratch, 0)
+            .unwrap()
+            .map(|e| e.time.secs)
+            .collect();
+        assert_eq!(times, (0..n as i64).collect::<Vec<_>>());
+        assert_eq!(scratch.spans.len(), MAX_SPANS);
     }
 
     #[test]

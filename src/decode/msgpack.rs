@@ -161,8 +161,44 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads the next head; a string, binary or ext payload is left for [`Reader::take`].
-    #[inline]
+    /// The markers of typical records are decoded inline, which keeps the head in
+    /// registers; the rest go through [`parse_head`].
+    #[inline(always)]
     pub fn head(&mut self) -> Result<Head, Error> {
+        let Some(&m) = self.buf.get(self.pos) else {
+            return Err(Error::Truncated);
+        };
+        let head = match m {
+            0x00..=0x7f => Head::Uint(m as u64),
+            0xa0..=0xbf => Head::Str((m & 0x1f) as u32),
+            0x80..=0x8f => Head::Map((m & 0x0f) as u32),
+            0x90..=0x9f => Head::Array((m & 0x0f) as u32),
+            0xd9 => match self.buf.get(self.pos + 1) {
+                Some(&len) => {
+                    self.pos += 2;
+                    return Ok(Head::Str(len as u32));
+                }
+                None => return Err(Error::Truncated),
+            },
+            // fixext8: EventTime
+            0xd7 => match self.buf.get(self.pos + 1) {
+                Some(&ty) => {
+                    self.pos += 2;
+                    return Ok(Head::Ext {
+                        ty: ty as i8,
+                        len: 8,
+                    });
+                }
+                None => return Err(Error::Truncated),
+            },
+            _ => return self.head_slow(),
+        };
+        self.pos += 1;
+        Ok(head)
+    }
+
+    #[inline(never)]
+    fn head_slow(&mut self) -> Result<Head, Error> {
         match parse_head(self.buf, self.pos)? {
             Some((head, len)) => {
                 self.pos += len;
@@ -172,13 +208,35 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Takes a string (fixstr, str8, str16 or str32) if one comes next; otherwise, or if
+    /// it is cut short, stays put and returns `None`. Strings are most of a record, and
+    /// this path keeps them out of [`Head`].
+    #[inline(always)]
+    pub fn str(&mut self) -> Option<&'a [u8]> {
+        let b = self.buf;
+        let p = self.pos;
+        let (start, len) = match *b.get(p)? {
+            m @ 0xa0..=0xbf => (p + 1, (m & 0x1f) as usize),
+            0xd9 => (p + 2, *b.get(p + 1)? as usize),
+            0xda => (
+                p + 3,
+                u16::from_be_bytes([*b.get(p + 1)?, *b.get(p + 2)?]) as usize,
+            ),
+            0xdb => (
+                p + 5,
+                u32::from_be_bytes(b.get(p + 1..p + 5)?.try_into().ok()?) as usize,
+            ),
+            _ => return None,
+        };
+        let s = b.get(start..start + len)?;
+        self.pos = start + len;
+        Some(s)
+    }
+
     /// Reads the next head without moving.
-    #[inline]
+    #[inline(always)]
     pub fn peek_head(&self) -> Result<Head, Error> {
-        match parse_head(self.buf, self.pos)? {
-            Some((head, _)) => Ok(head),
-            None => Err(Error::Truncated),
-        }
+        self.clone().head()
     }
 
     /// Takes the next `n` bytes.
@@ -192,7 +250,6 @@ impl<'a> Reader<'a> {
 
     /// Skips one whole value, refusing nesting deeper than [`MAX_DEPTH`].
     pub fn skip(&mut self) -> Result<(), Error> {
-        // Items still to read at each open level; level 0 is the value itself.
         let mut left = [0u64; MAX_DEPTH + 1];
         let mut depth = 0;
         left[0] = 1;
@@ -205,18 +262,44 @@ impl<'a> Reader<'a> {
                 continue;
             }
             left[depth] -= 1;
-            let head = self.head()?;
-            let n = children(head);
+            let (next, n) = self.step()?;
+            self.pos = next;
             if n > 0 {
                 depth += 1;
                 if depth > MAX_DEPTH {
                     return Err(Error::TooDeep);
                 }
                 left[depth] = n;
-            } else {
-                self.take(payload_len(head))?;
             }
         }
+    }
+
+    /// The end of the value's head and payload, and how many values nest in it. The
+    /// markers of typical records are decoded inline; the rest go through [`parse_head`].
+    #[inline(always)]
+    fn step(&self) -> Result<(usize, u64), Error> {
+        let pos = self.pos;
+        let Some(&m) = self.buf.get(pos) else {
+            return Err(Error::Truncated);
+        };
+        let (end, n) = match m {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (pos + 1, 0),
+            0xa0..=0xbf => (pos + 1 + (m & 0x1f) as usize, 0),
+            0x80..=0x8f => (pos + 1, 2 * (m & 0x0f) as u64),
+            0x90..=0x9f => (pos + 1, (m & 0x0f) as u64),
+            0xd9 => match self.buf.get(pos + 1) {
+                Some(&len) => (pos + 2 + len as usize, 0),
+                None => return Err(Error::Truncated),
+            },
+            _ => match parse_head(self.buf, pos)? {
+                Some((head, len)) => (pos + len + payload_len(head), children(head)),
+                None => return Err(Error::Truncated),
+            },
+        };
+        if end > self.buf.len() {
+            return Err(Error::Truncated);
+        }
+        Ok((end, n))
     }
 
     /// Skips one whole value and returns its bytes.
