@@ -171,6 +171,8 @@ pub trait Conn {
     fn process(&mut self, shard: &mut Shard) -> Progress;
     /// The peer closed its side: deal with whatever is left.
     fn finish(&mut self, shard: &mut Shard);
+    /// Nothing to read for now: give back memory a large frame or line made it take.
+    fn idle(&mut self);
     fn link(&self) -> &Rc<Link>;
 }
 
@@ -239,7 +241,6 @@ impl Conn for ForwardConn {
                 Ok(Decoded::Keepalive) => self.rb.consume(1),
                 Ok(Decoded::NeedMore(n)) => {
                     self.need = n;
-                    self.rb.shrink();
                     return Progress::Read;
                 }
                 Err(e) => return Progress::Close(e),
@@ -257,6 +258,10 @@ impl Conn for ForwardConn {
             );
             self.rb.consume(self.rb.data().len());
         }
+    }
+
+    fn idle(&mut self) {
+        self.rb.shrink();
     }
 
     fn link(&self) -> &Rc<Link> {
@@ -335,10 +340,7 @@ impl Conn for JsonConn {
                     self.rb.consume(consumed);
                     budget = budget.saturating_sub(consumed);
                 }
-                Framed::NeedMore => {
-                    self.rb.shrink();
-                    return Progress::Read;
-                }
+                Framed::NeedMore => return Progress::Read,
             }
         }
     }
@@ -358,6 +360,10 @@ impl Conn for JsonConn {
             );
             self.rb.consume(len);
         }
+    }
+
+    fn idle(&mut self) {
+        self.rb.shrink();
     }
 
     fn link(&self) -> &Rc<Link> {

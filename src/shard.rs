@@ -341,3 +341,107 @@ impl Warnings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{Conn, ForwardConn, Progress};
+    use crate::decode::forward::Scratch;
+    use crate::ring::ring;
+    use std::cell::RefCell;
+
+    /// A PackedForward frame of 1000 Docker-style events of about 200 B, with a chunk.
+    fn docker_frame() -> Vec<u8> {
+        let mut body = vec![];
+        for i in 0..1000u32 {
+            body.extend([0x92, 0xd7, 0x00]);
+            body.extend(1_700_000_000u32.to_be_bytes());
+            body.extend(i.to_be_bytes());
+            body.push(0x84);
+            for (k, v) in [
+                (
+                    "container_id",
+                    "4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8",
+                ),
+                ("container_name", "/web-1"),
+                ("source", "stdout"),
+                (
+                    "log",
+                    "GET /api/items?page=1 HTTP/1.1 200 1234 \"-\" \"curl/8.5\" x",
+                ),
+            ] {
+                rmp::encode::write_str(&mut body, k).unwrap();
+                rmp::encode::write_str(&mut body, v).unwrap();
+            }
+        }
+        let mut f = vec![0x93, 0xa3, b'w', b'e', b'b'];
+        rmp::encode::write_bin(&mut f, &body).unwrap();
+        f.extend([0x81, 0xa5]);
+        f.extend(b"chunk");
+        f.extend([0xa8]);
+        f.extend(b"chunk-01");
+        f
+    }
+
+    /// The hot path from a connection's read buffer to a settled batch: decode, route,
+    /// transcode into the batch, seal, ring, completion, ack. In steady state it must not
+    /// allocate per event; what allocates is per frame or per batch at most.
+    #[test]
+    fn steady_state_allocates_nothing_per_event() {
+        let cfg = Config::parse(
+            "[inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\
+             [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\ntag_key = \"tag\"\ntime_key = \"time\"\n",
+        )
+        .unwrap();
+        let (batches, batches_rx) = ring(4);
+        let (done_tx, done) = ring(10);
+        let mut shard = Shard::new(0, &cfg, vec![SinkRings { batches, done }]);
+        let mut conn = ForwardConn::new(
+            16 << 20,
+            64 << 20,
+            Rc::new(RefCell::new(Scratch::default())),
+        );
+        let frame = docker_frame();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut run = |frames: usize| {
+            for _ in 0..frames {
+                // Fed in socket-sized pieces, as reads would arrive.
+                let mut off = 0;
+                while off < frame.len() {
+                    let buf = conn.read_buf();
+                    let n = buf.len().min(frame.len() - off);
+                    buf[..n].copy_from_slice(&frame[off..off + n]);
+                    conn.filled(n);
+                    off += n;
+                    assert_eq!(conn.process(&mut shard), Progress::Read);
+                }
+                // The emitter: take every sealed batch and hand it back settled.
+                while let Some(b) = batches_rx.try_pop() {
+                    assert!(done_tx.push(b).is_ok());
+                }
+                shard.poll_pump(&mut cx);
+                // The connection writes its acks.
+                conn.link().write_acks(|b| Ok::<_, ()>(b.len())).unwrap();
+            }
+        };
+        run(30);
+        let frames = 100;
+        let info = allocation_counter::measure(|| run(frames));
+        let events = frames as u64 * 1000;
+        eprintln!(
+            "{} allocations ({} bytes) for {events} events",
+            info.count_total, info.bytes_total
+        );
+        assert_eq!(shard.counters.events_in, 130_000);
+        assert!(
+            shard.counters.acks_sent > 100,
+            "acks flowed: {}",
+            shard.counters.acks_sent
+        );
+        assert!(
+            info.count_total <= frames as u64,
+            "{} allocations for {events} events in {frames} frames",
+            info.count_total
+        );
+    }
+}

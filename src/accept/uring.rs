@@ -316,7 +316,11 @@ fn poll_conn<C: Conn>(
     match Pin::new(stream).poll_read(cx, conn.read_buf()) {
         Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
         Poll::Ready(Err(e)) => Poll::Ready(Wake::Failed(e)),
-        Poll::Pending => Poll::Pending,
+        Poll::Pending => {
+            // glommio keeps no hold on the buffer while it waits for readiness.
+            conn.idle();
+            Poll::Pending
+        }
     }
 }
 
