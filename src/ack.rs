@@ -67,6 +67,15 @@ impl AckLedger {
         true
     }
 
+    /// Gives up on a chunk whose events will not all be ingested (its connection went
+    /// away mid-frame): no ack will be sent, so the client sends the chunk again.
+    pub fn abandon(&mut self, t: Ticket) {
+        if let Some(link) = self.slots[t as usize].link.take() {
+            link.chunk_dropped();
+        }
+        self.release(t);
+    }
+
     /// Chunks not yet acked.
     pub fn outstanding(&self) -> usize {
         self.slots.len() - self.free.len()
@@ -102,6 +111,22 @@ mod tests {
         assert_eq!(link.take_acks(), want);
         // {"ack": "c1"} in msgpack
         assert_eq!(want, [0x81, 0xa3, b'a', b'c', b'k', 0xa2, b'c', b'1']);
+        assert_eq!(l.outstanding(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_chunk_is_never_acked() {
+        let link = Rc::new(Link::default());
+        let mut l = AckLedger::default();
+        let t = l.open(&link, b"c");
+        l.hold(t); // a batch took some of its events
+        l.abandon(t); // the rest never will be
+        assert_eq!(link.outstanding(), 0);
+        assert!(l.release(t), "the batch settles and frees the slot");
+        assert!(
+            link.take_acks().is_empty(),
+            "no ack for a chunk not fully ingested"
+        );
         assert_eq!(l.outstanding(), 0);
     }
 

@@ -8,11 +8,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::Waker;
 
+use crate::ack::Ticket;
 use crate::decode::forward::{Decoded, Decoder, Scratch};
 use crate::decode::jsonl::{Framed, JsonParser, Lines, field_str};
 use crate::decode::{DecodeError, EventTime};
 use crate::limits::{JSON_PADDING, READ_CHUNK};
-use crate::shard::Shard;
+use crate::shard::{Ingested, Shard};
 
 /// A growable read buffer: unread bytes live in `buf[start..end]`, and `pad` bytes past
 /// the usable capacity are always readable (simd-json parses in place and needs them).
@@ -115,8 +116,19 @@ impl Link {
         self.wake();
     }
 
+    /// A chunk that will not be acked after all.
+    pub fn chunk_dropped(&self) {
+        self.outstanding.set(self.outstanding.get() - 1);
+        self.wake();
+    }
+
     pub fn outstanding(&self) -> u32 {
         self.outstanding.get()
+    }
+
+    /// Ack bytes waiting to be written.
+    pub fn pending_acks(&self) -> usize {
+        self.acks.borrow().len()
     }
 
     pub fn has_acks(&self) -> bool {
@@ -173,6 +185,9 @@ pub trait Conn {
     fn finish(&mut self, shard: &mut Shard);
     /// Nothing to read for now: give back memory a large frame or line made it take.
     fn idle(&mut self);
+    /// The connection is going away with input still unprocessed (shutdown, or a failed
+    /// write): let go of anything held for it.
+    fn abandon(&mut self, shard: &mut Shard);
     fn link(&self) -> &Rc<Link>;
 }
 
@@ -188,7 +203,16 @@ pub struct ForwardConn {
     max_inflated: usize,
     /// Bytes the decoder needs before it can go on.
     need: usize,
+    /// A frame whose ingestion paused on backpressure, still first in the buffer.
+    paused: Option<Paused>,
     link: Rc<Link>,
+}
+
+/// Where a paused frame stopped.
+#[derive(Clone, Copy, Debug)]
+struct Paused {
+    taken: u64,
+    ticket: Option<Ticket>,
 }
 
 impl ForwardConn {
@@ -199,18 +223,19 @@ impl ForwardConn {
             scratch,
             max_inflated,
             need: 1,
+            paused: None,
             link: Rc::new(Link::default()),
         }
     }
 }
 
 impl Conn for ForwardConn {
+    /// Room for the rest of the frame, but growing at most as fast as bytes arrive: a
+    /// peer that declares a large frame and stops sending gets no large buffer.
     fn read_buf(&mut self) -> &mut [u8] {
-        let want = self
-            .need
-            .saturating_sub(self.rb.data().len())
-            .max(READ_CHUNK);
-        self.rb.spare(want)
+        let have = self.rb.data().len();
+        let missing = self.need.saturating_sub(have).max(1);
+        self.rb.spare(missing.min(have.max(READ_CHUNK)))
     }
 
     fn filled(&mut self, n: usize) {
@@ -220,31 +245,60 @@ impl Conn for ForwardConn {
     fn process(&mut self, shard: &mut Shard) -> Progress {
         let mut budget = TURN;
         loop {
-            if shard.blocked() {
+            if shard.blocked_for(&self.link) {
                 return Progress::Blocked;
             }
             if budget == 0 {
                 return Progress::Yield;
             }
-            match self.decoder.decode(self.rb.data()) {
-                Ok(Decoded::Frame(frame, len)) => {
-                    let mut scratch = self.scratch.borrow_mut();
-                    match frame.events(&mut scratch, self.max_inflated) {
-                        Ok(events) => shard.ingest_forward(&frame, events, &self.link),
-                        Err(e) => return Progress::Close(e),
-                    }
-                    drop(scratch);
-                    self.rb.consume(len);
-                    self.need = 1;
-                    budget = budget.saturating_sub(len);
+            let (frame, len) = match self.decoder.decode(self.rb.data()) {
+                Ok(Decoded::Frame(frame, len)) => (frame, len),
+                Ok(Decoded::Keepalive) => {
+                    self.rb.consume(1);
+                    continue;
                 }
-                Ok(Decoded::Keepalive) => self.rb.consume(1),
                 Ok(Decoded::NeedMore(n)) => {
                     self.need = n;
                     return Progress::Read;
                 }
                 Err(e) => return Progress::Close(e),
+            };
+            let mut scratch = self.scratch.borrow_mut();
+            let resumed = self.paused.take();
+            let (events, ticket, taken) = match resumed {
+                Some(p) => (frame.resume(&scratch, p.taken), p.ticket, p.taken),
+                None => match frame.events(&mut scratch, self.max_inflated) {
+                    Ok(events) => (events, shard.open_frame(&frame, &self.link), 0),
+                    Err(e) => return Progress::Close(e),
+                },
+            };
+            match shard.ingest_forward(&frame, events, ticket) {
+                Ingested::All => {
+                    shard.close_frame(ticket);
+                    if resumed.is_some() {
+                        shard.end_pause();
+                    }
+                    budget = budget.saturating_sub(len + scratch.inflated_len());
+                    drop(scratch);
+                    self.rb.consume(len);
+                    self.need = 1;
+                }
+                Ingested::Paused(n) => {
+                    self.paused = Some(Paused {
+                        taken: taken + n,
+                        ticket,
+                    });
+                    shard.pause_frame(&self.link);
+                    return Progress::Blocked;
+                }
             }
+        }
+    }
+
+    fn abandon(&mut self, shard: &mut Shard) {
+        if let Some(p) = self.paused.take() {
+            shard.abandon_frame(p.ticket);
+            shard.end_pause();
         }
     }
 
@@ -312,7 +366,7 @@ impl Conn for JsonConn {
         let now = EventTime::now();
         let mut budget = TURN;
         loop {
-            if shard.blocked() {
+            if shard.blocked_for(&self.link) {
                 return Progress::Blocked;
             }
             if budget == 0 {
@@ -365,6 +419,9 @@ impl Conn for JsonConn {
     fn idle(&mut self) {
         self.rb.shrink();
     }
+
+    /// Lines are ingested whole or not at all: nothing is held.
+    fn abandon(&mut self, _: &mut Shard) {}
 
     fn link(&self) -> &Rc<Link> {
         &self.link

@@ -23,6 +23,10 @@ pub const HEARTBEAT_REPLY: &[u8] = b"\0";
 /// (fluent-logger-golang, Fluent Bit) or 32 hex digits (Fluentd); the spec gives no bound.
 pub const MAX_CHUNK_ID: usize = 128;
 
+/// Longest Forward tag. Tags are short (Kubernetes' are a few hundred bytes at most), and
+/// a tag is copied into every event a frame carries, so a long one would multiply.
+pub const MAX_TAG: usize = 1024;
+
 /// Deepest msgpack or JSON nesting we transcode; deeper input is refused, never recursed.
 pub const MAX_DEPTH: usize = 64;
 

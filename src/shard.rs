@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::ack::AckLedger;
+use crate::ack::{AckLedger, Ticket};
 use crate::batch::shape::{Encoded, Shape};
 use crate::batch::{Batch, Batcher};
 use crate::config::Config;
@@ -28,6 +28,14 @@ struct RouteOut {
 pub struct SinkRings {
     pub batches: Producer<Batch>,
     pub done: Consumer<Batch>,
+}
+
+/// How far [`Shard::ingest_forward`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    All,
+    /// It took this many events, then found a sink's batches held.
+    Paused(u64),
 }
 
 /// Where the core is in its life.
@@ -57,6 +65,8 @@ pub struct Shard {
     pub phase: Phase,
     /// The pump task, woken when a connection finds the shard blocked.
     pump: Option<std::task::Waker>,
+    /// The Forward connection paused in the middle of a frame, if any.
+    mid_frame: Option<Rc<Link>>,
     warn: Warnings,
 }
 
@@ -94,46 +104,92 @@ impl Shard {
             links: Vec::new(),
             phase: Phase::Running,
             pump: None,
+            mid_frame: None,
             warn: Warnings::default(),
         }
     }
 
-    /// Routes the events of one Forward frame and encodes them into their sinks' batches.
-    /// A `chunk` is acked once every batch holding its events has settled.
-    pub fn ingest_forward(&mut self, frame: &Frame<'_>, events: Events<'_>, link: &Rc<Link>) {
+    /// Starts ingesting a Forward frame: counts it and opens its chunk, if any, in the ack
+    /// ledger with the frame's own hold, which [`Shard::close_frame`] releases.
+    pub fn open_frame(&mut self, frame: &Frame<'_>, link: &Rc<Link>) -> Option<Ticket> {
         self.counters.frames_in += 1;
-        let ticket = frame.chunk.map(|c| self.ledger.open(link, c));
+        frame.chunk.map(|c| self.ledger.open(link, c))
+    }
+
+    /// Routes a frame's events and encodes them into their sinks' batches, until they run
+    /// out or until a sink's batches are held: then it stops after that event, so a frame
+    /// never queues more than one batch per sink beyond what the rings hold.
+    pub fn ingest_forward(
+        &mut self,
+        frame: &Frame<'_>,
+        events: Events<'_>,
+        ticket: Option<Ticket>,
+    ) -> Ingested {
         let tag = frame.tag;
-        match self.router.route(tag) {
-            None => {
-                let n = events.count() as u64;
-                self.counters.events_in += n;
-                self.unmatched(tag, n);
-            }
-            Some(r) => {
-                let route = &mut self.routes[r];
-                let mut n = 0;
-                for ev in events {
-                    n += 1;
-                    for &s in route.sinks.iter() {
-                        let shape = &mut route.shape;
-                        let w = self.batchers[s].write(ticket, |out| {
-                            shape.encode_msgpack(out, tag, ev.time, ev.record)
-                        });
-                        if w.new_hold {
-                            self.ledger.hold(ticket.expect("a hold needs a ticket"));
-                        }
-                        if w.encoded == Encoded::MissingLogKey {
-                            self.counters.missing_log_key += 1;
-                        }
-                    }
+        let Some(r) = self.router.route(tag) else {
+            let n = events.count() as u64;
+            self.counters.events_in += n;
+            self.unmatched(tag, n);
+            return Ingested::All;
+        };
+        let route = &mut self.routes[r];
+        let mut n = 0;
+        for ev in events {
+            n += 1;
+            let mut held = false;
+            for &s in route.sinks.iter() {
+                let shape = &mut route.shape;
+                let b = &mut self.batchers[s];
+                let w = b.write(ticket, |out| {
+                    shape.encode_msgpack(out, tag, ev.time, ev.record)
+                });
+                if let (true, Some(t)) = (w.new_hold, ticket) {
+                    self.ledger.hold(t);
                 }
+                if w.encoded == Encoded::MissingLogKey {
+                    self.counters.missing_log_key += 1;
+                }
+                held |= b.blocked();
+            }
+            if held {
                 self.counters.events_in += n;
+                return Ingested::Paused(n);
             }
         }
+        self.counters.events_in += n;
+        Ingested::All
+    }
+
+    /// Finishes a frame: releases its hold on its chunk, which is acked once the batches
+    /// holding its events settle.
+    pub fn close_frame(&mut self, ticket: Option<Ticket>) {
         if let Some(t) = ticket {
             if self.ledger.release(t) {
                 self.counters.acks_sent += 1;
+            }
+        }
+    }
+
+    /// Gives up on a frame not wholly ingested (its connection went away): its chunk will
+    /// not be acked, so the client sends it again.
+    pub fn abandon_frame(&mut self, ticket: Option<Ticket>) {
+        if let Some(t) = ticket {
+            self.ledger.abandon(t);
+        }
+    }
+
+    /// A connection paused in the middle of a frame. Until it finishes the frame, other
+    /// connections of this core wait: the core's scratch holds that frame's entries.
+    pub fn pause_frame(&mut self, link: &Rc<Link>) {
+        self.mid_frame = Some(link.clone());
+    }
+
+    /// The paused frame is finished (or abandoned): the other connections may go on.
+    pub fn end_pause(&mut self) {
+        if self.mid_frame.take().is_some() {
+            for l in self.parked.drain(..) {
+                l.parked.set(false);
+                l.wake();
             }
         }
     }
@@ -168,6 +224,26 @@ impl Shard {
         }
     }
 
+    /// Counts a connection refused at `max_connections`, with a rate-limited warning.
+    pub fn refused_connection(&mut self, limit: usize) {
+        self.counters.connections_refused += 1;
+        if let Some(suppressed) = self.warn.allow(Warn::Connection) {
+            tracing::warn!(
+                limit,
+                suppressed,
+                core = self.core,
+                "Refusing a connection: the input is at max_connections on this core"
+            );
+        }
+    }
+
+    /// Logs a failed accept (out of descriptors, say), at most once a second.
+    pub fn accept_failed(&mut self, e: &std::io::Error) {
+        if let Some(suppressed) = self.warn.allow(Warn::Accept) {
+            tracing::warn!(error = %e, suppressed, core = self.core, "Accepting a connection failed");
+        }
+    }
+
     /// Counts refused input and logs it, at most once a second per kind of error.
     pub fn refused(&mut self, e: DecodeError, action: &str, peer: Option<std::net::SocketAddr>) {
         self.errors[e.index()] += 1;
@@ -187,6 +263,17 @@ impl Shard {
     #[inline]
     pub fn blocked(&self) -> bool {
         self.batchers.iter().any(Batcher::blocked)
+    }
+
+    /// Whether this connection must wait: batches are held, or another connection is in
+    /// the middle of a frame (which goes first).
+    #[inline]
+    pub fn blocked_for(&self, link: &Rc<Link>) -> bool {
+        self.blocked()
+            || self
+                .mid_frame
+                .as_ref()
+                .is_some_and(|l| !Rc::ptr_eq(l, link))
     }
 
     /// Parks a connection until the shard unblocks.
@@ -287,6 +374,14 @@ impl Shard {
         (linger / 4).clamp(Duration::from_millis(5), Duration::from_millis(100))
     }
 
+    /// Batches not settled and chunks not acked, for the drain-deadline report.
+    pub fn unsettled(&self) -> (usize, usize) {
+        (
+            self.batchers.iter().map(Batcher::unsettled).sum(),
+            self.ledger.outstanding(),
+        )
+    }
+
     /// Nothing open, held or in flight, and no chunk waiting for its ack.
     pub fn idle(&self) -> bool {
         self.batchers.iter().all(Batcher::idle) && self.ledger.outstanding() == 0
@@ -306,6 +401,8 @@ impl Shard {
 #[derive(Clone, Copy)]
 enum Warn {
     Unmatched,
+    Connection,
+    Accept,
     Refused(usize),
 }
 
@@ -322,7 +419,9 @@ impl Warnings {
     fn allow(&mut self, w: Warn) -> Option<u64> {
         let i = match w {
             Warn::Unmatched => 0,
-            Warn::Refused(k) => 1 + k,
+            Warn::Connection => 1,
+            Warn::Accept => 2,
+            Warn::Refused(k) => 3 + k,
         };
         if self.last.len() <= i {
             self.last.resize(i + 1, (None, 0));
@@ -381,6 +480,35 @@ mod tests {
         f.extend([0xa8]);
         f.extend(b"chunk-01");
         f
+    }
+
+    /// A peer that declares a 48 MiB frame and sends 8 bytes gets a buffer sized by what
+    /// it sent, not by what it declared.
+    #[test]
+    fn a_declared_frame_grows_the_buffer_only_as_bytes_arrive() {
+        let cfg = Config::parse(
+            "[inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\
+             [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\n",
+        )
+        .unwrap();
+        let (batches, _rx) = ring(4);
+        let (_tx, done) = ring(10);
+        let mut shard = Shard::new(0, &cfg, vec![SinkRings { batches, done }]);
+        let mut conn = ForwardConn::new(
+            64 << 20,
+            64 << 20,
+            Rc::new(RefCell::new(Scratch::default())),
+        );
+        // ["t", bin32 of 48 MiB ...
+        let head = [0x92, 0xa1, b't', 0xc6, 0x03, 0x00, 0x00, 0x00];
+        conn.read_buf()[..8].copy_from_slice(&head);
+        conn.filled(8);
+        assert_eq!(conn.process(&mut shard), Progress::Read);
+        let room = conn.read_buf().len();
+        assert!(
+            room <= 2 * crate::limits::READ_CHUNK,
+            "{room} bytes of buffer for 8 received"
+        );
     }
 
     /// The hot path from a connection's read buffer to a settled batch: decode, route,

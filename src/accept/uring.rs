@@ -276,6 +276,9 @@ async fn serve<C: Conn>(mut stream: TcpStream, mut conn: C, shard: &Shared) {
             }
             Wake::Unblocked => {}
             Wake::Stop => {
+                // A frame paused half-way is given up (and not acked) before waiting on
+                // the acks of the rest.
+                conn.abandon(&mut shard.borrow_mut());
                 settle_acks(&mut stream, &link, shard).await;
                 break;
             }
@@ -285,7 +288,9 @@ async fn serve<C: Conn>(mut stream: TcpStream, mut conn: C, shard: &Shared) {
             }
         }
     }
-    shard.borrow_mut().close_link(&link);
+    let mut s = shard.borrow_mut();
+    conn.abandon(&mut s);
+    s.close_link(&link);
 }
 
 /// Writes pending acks, then waits for input, for the shard to unblock, or for shutdown.
@@ -305,13 +310,17 @@ fn poll_conn<C: Conn>(
     if s.phase != Phase::Running {
         return Poll::Ready(Wake::Stop);
     }
-    if s.blocked() {
+    if s.blocked_for(link) {
         s.park(link);
         return Poll::Pending;
     }
     drop(s);
     if blocked {
         return Poll::Ready(Wake::Unblocked);
+    }
+    // A peer that does not read its acks stops being read; the pending write wakes us.
+    if link.pending_acks() > MAX_PENDING_ACKS {
+        return Poll::Pending;
     }
     match Pin::new(stream).poll_read(cx, conn.read_buf()) {
         Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
@@ -323,6 +332,9 @@ fn poll_conn<C: Conn>(
         }
     }
 }
+
+/// Unwritten ack bytes at which a connection stops being read.
+const MAX_PENDING_ACKS: usize = 64 << 10;
 
 /// Writes as many pending ack bytes as the socket takes now.
 fn poll_write_acks(
@@ -371,7 +383,7 @@ async fn datagrams(sock: UdpSocket, source: Option<Rc<JsonSource>>, shard: Share
         poll_fn(|cx| {
             link.set_waker(cx.waker());
             let mut s = shard.borrow_mut();
-            if s.blocked() {
+            if s.blocked_for(&link) {
                 s.park(&link);
                 Poll::Pending
             } else {

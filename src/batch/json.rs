@@ -130,8 +130,15 @@ pub fn write_f64(out: &mut Vec<u8>, v: f64) {
 /// Seconds with nine decimals, as a JSON number (`1700000000.000000001`); an f64
 /// cannot hold nanoseconds at today's epoch.
 pub fn write_time_double(out: &mut Vec<u8>, t: EventTime) {
-    write_i64(out, t.secs);
-    write_nanos(out, t.nanos);
+    if t.secs < 0 && t.nanos > 0 {
+        // -5 s + 1 ns is -4.999999999.
+        out.push(b'-');
+        write_u64(out, t.secs.unsigned_abs() - 1);
+        write_nanos(out, 1_000_000_000 - t.nanos);
+    } else {
+        write_i64(out, t.secs);
+        write_nanos(out, t.nanos);
+    }
 }
 
 fn write_nanos(out: &mut Vec<u8>, nanos: u32) {
@@ -269,5 +276,8 @@ mod tests {
             },
         );
         assert_eq!(out, b"1700000000.000000001");
+        let mut out = vec![];
+        write_time_double(&mut out, EventTime { secs: -5, nanos: 1 });
+        assert_eq!(out, b"-4.999999999");
     }
 }

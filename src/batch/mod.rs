@@ -187,6 +187,11 @@ impl Batcher {
 
     /// Pushes held batches, registering for a wakeup if the ring is still full.
     pub fn poll_push(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.blocked() && self.ring.is_closed() {
+            // The sink is gone (a panic aborts the process, so this is shutdown): nothing
+            // will make room, and trying again would spin.
+            return Poll::Pending;
+        }
         loop {
             if self.push_held() {
                 return Poll::Ready(());
@@ -210,6 +215,11 @@ impl Batcher {
             b.clear();
             self.spare.push(b);
         }
+    }
+
+    /// Batches not settled yet: open with events, held, or in flight.
+    pub fn unsettled(&self) -> usize {
+        usize::from(self.open.events > 0) + self.held.len() + self.in_flight
     }
 
     /// Nothing open, held or in flight.

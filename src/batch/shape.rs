@@ -168,6 +168,7 @@ impl Shape {
             Ok(e) => e,
             Err(_) => {
                 // Unreachable for validated records; never leave half an event behind.
+                debug_assert!(false, "the decoder passed a malformed record");
                 out.truncate(mark);
                 Encoded::MissingLogKey
             }
@@ -342,12 +343,12 @@ impl Shape {
                     if !first {
                         out.push(b',');
                     }
-                    write_key_json(out, &mut r)?;
+                    write_key_json(out, &mut r, false)?;
                 }
             }
             first = false;
             out.push(b':');
-            transcode(out, &mut r, 0)?;
+            transcode(out, &mut r, 0, false)?;
         }
         self.json_close(out, first);
         Ok(Encoded::Written)
@@ -417,7 +418,7 @@ impl Shape {
                 Head::Str(len) | Head::Bin(len) => write_line(out, r.take(len as usize)?),
                 head => {
                     // Not text: write the value as JSON instead.
-                    transcode_head(out, &mut r, head, 0)?;
+                    transcode_head(out, &mut r, head, 0, false)?;
                     out.push(b'\n');
                 }
             }
@@ -452,8 +453,11 @@ fn write_msgpack_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// A map key that is not a string, written as a JSON string of its value.
-fn write_key_json(out: &mut Vec<u8>, r: &mut Reader<'_>) -> Result<(), Malformed> {
+/// A map key that is not a string, written as a JSON string of its value. Inside such a
+/// key (`in_key`), an array, map or ext key is written as a placeholder instead: each level
+/// of stringifying escapes the level below again, so rendering them all would double the
+/// output per level (a fuzzed 200-byte record once asked for gigabytes).
+fn write_key_json(out: &mut Vec<u8>, r: &mut Reader<'_>, in_key: bool) -> Result<(), Malformed> {
     match r.head()? {
         Head::Bin(len) => json::write_str(out, r.take(len as usize)?),
         Head::Uint(v) => {
@@ -468,25 +472,50 @@ fn write_key_json(out: &mut Vec<u8>, r: &mut Reader<'_>) -> Result<(), Malformed
         }
         Head::Bool(b) => out.extend_from_slice(if b { b"\"true\"" } else { b"\"false\"" }),
         Head::Nil => out.extend_from_slice(b"\"null\""),
+        head @ (Head::Array(_) | Head::Map(_) | Head::Ext { .. }) if in_key => {
+            skip_rest(r, head)?;
+            out.extend_from_slice(match head {
+                Head::Array(_) => b"\"<array>\"",
+                Head::Map(_) => b"\"<map>\"",
+                _ => b"\"<ext>\"",
+            });
+        }
         head => {
             // Floats, arrays, maps and ext values as keys are rare enough to render apart.
             let mut tmp = vec![];
-            transcode_head(&mut tmp, r, head, 0)?;
+            transcode_head(&mut tmp, r, head, 0, true)?;
             json::write_str(out, &tmp);
         }
     }
     Ok(())
 }
 
-/// Transcodes one msgpack value to JSON, advancing `r` past it.
+/// Skips the rest of a value whose head was just read.
+fn skip_rest(r: &mut Reader<'_>, head: Head) -> Result<(), Malformed> {
+    match head {
+        Head::Array(n) => (0..n).try_for_each(|_| r.skip())?,
+        Head::Map(n) => (0..2 * n).try_for_each(|_| r.skip())?,
+        Head::Str(len) | Head::Bin(len) | Head::Ext { len, .. } => drop(r.take(len as usize)?),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Transcodes one msgpack value to JSON, advancing `r` past it. `in_key`: the value is
+/// being rendered as a map key (see [`write_key_json`]).
 #[inline]
-fn transcode(out: &mut Vec<u8>, r: &mut Reader<'_>, depth: usize) -> Result<(), Malformed> {
+fn transcode(
+    out: &mut Vec<u8>,
+    r: &mut Reader<'_>,
+    depth: usize,
+    in_key: bool,
+) -> Result<(), Malformed> {
     if let Some(s) = r.str() {
         json::write_str(out, s);
         return Ok(());
     }
     let head = r.head()?;
-    transcode_head(out, r, head, depth)
+    transcode_head(out, r, head, depth, in_key)
 }
 
 /// Transcodes the value whose head was just read. Depth was bounded by the decoder; the
@@ -496,6 +525,7 @@ fn transcode_head(
     r: &mut Reader<'_>,
     head: Head,
     depth: usize,
+    in_key: bool,
 ) -> Result<(), Malformed> {
     if depth > crate::limits::MAX_DEPTH {
         return Err(Malformed);
@@ -514,7 +544,7 @@ fn transcode_head(
                 if i > 0 {
                     out.push(b',');
                 }
-                transcode(out, r, depth + 1)?;
+                transcode(out, r, depth + 1, in_key)?;
             }
             out.push(b']');
         }
@@ -526,10 +556,10 @@ fn transcode_head(
                 }
                 match r.str() {
                     Some(key) => json::write_str(out, key),
-                    None => write_key_json(out, r)?,
+                    None => write_key_json(out, r, in_key)?,
                 }
                 out.push(b':');
-                transcode(out, r, depth + 1)?;
+                transcode(out, r, depth + 1, in_key)?;
             }
             out.push(b'}');
         }
@@ -633,5 +663,110 @@ pub fn tape_to_msgpack(out: &mut Vec<u8>, nodes: &[Node<'_>]) {
             }
             Node::Static(StaticNode::F64(v)) => rmp::encode::write_f64(out, *v).expect(OK),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(record: &[u8]) -> Vec<u8> {
+        let mut out = vec![];
+        Shape::new(&ShapeConfig::default()).encode_msgpack(
+            &mut out,
+            "t",
+            EventTime::default(),
+            record,
+        );
+        out
+    }
+
+    #[test]
+    fn non_string_keys_become_strings() {
+        // {1: "a", nil: "b", [1, 2]: "c", {"k": {[3]: 4}}: "d"}
+        let rec = [
+            0x84, 0x01, 0xa1, b'a', 0xc0, 0xa1, b'b', 0x92, 0x01, 0x02, 0xa1, b'c', 0x81, 0xa1,
+            b'k', 0x81, 0x91, 0x03, 0x04, 0xa1, b'd',
+        ];
+        let out = String::from_utf8(json(&rec)).unwrap();
+        assert_eq!(
+            out,
+            "{\"1\":\"a\",\"null\":\"b\",\"[1,2]\":\"c\",\"{\\\"k\\\":{\\\"<array>\\\":4}}\":\"d\"}\n"
+        );
+    }
+
+    #[test]
+    fn msgpack_output_applies_the_same_shaping() {
+        let cfg = ShapeConfig {
+            format: Format::Msgpack,
+            tag_key: Some("tag".into()),
+            time_key: Some("time".into()),
+            time_format: TimeFormat::Epoch,
+            remove_keys: vec!["secret".into()],
+            add_fields: vec![
+                ("env".into(), Literal::Str("prod".into())),
+                ("n".into(), Literal::Int(3)),
+            ],
+            ..ShapeConfig::default()
+        };
+        // {"log": "hi", "secret": "x", "env": "dev", 7: true}
+        let rec = [
+            0x84, 0xa3, b'l', b'o', b'g', 0xa2, b'h', b'i', 0xa6, b's', b'e', b'c', b'r', b'e',
+            b't', 0xa1, b'x', 0xa3, b'e', b'n', b'v', 0xa3, b'd', b'e', b'v', 0x07, 0xc3,
+        ];
+        let mut out = vec![];
+        let t = EventTime {
+            secs: 1_700_000_000,
+            nanos: 0,
+        };
+        Shape::new(&cfg).encode_msgpack(&mut out, "app", t, &rec);
+        let v = rmpv::decode::read_value(&mut &out[..]).unwrap();
+        let got: Vec<(String, String)> = v
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("\"tag\"", "\"app\""),
+            ("\"time\"", "1700000000"),
+            ("\"log\"", "\"hi\""),
+            ("7", "true"),
+            ("\"env\"", "\"prod\""),
+            ("\"n\"", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+
+        // With nothing to change, the record's bytes go out as they came.
+        let mut out = vec![];
+        let plain = ShapeConfig {
+            format: Format::Msgpack,
+            ..ShapeConfig::default()
+        };
+        Shape::new(&plain).encode_msgpack(&mut out, "app", t, &rec);
+        assert_eq!(out, rec);
+    }
+
+    /// Found by the `forward` fuzz target: maps as keys of maps as keys, 60 deep. Each level
+    /// of stringified key used to escape the one below again, doubling the output per level.
+    #[test]
+    fn regression_nested_map_keys_do_not_amplify() {
+        let depth = 60;
+        let mut rec = vec![0x81; depth];
+        rec.push(0x01); // the innermost key
+        rec.extend(std::iter::repeat_n(0xc0, depth)); // every value nil
+        assert!(crate::decode::msgpack::Reader::new(&rec).skip().is_ok());
+        let out = json(&rec);
+        assert!(
+            out.len() < 10 * rec.len(),
+            "{} bytes of JSON from {} of msgpack",
+            out.len(),
+            rec.len()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.is_object());
     }
 }

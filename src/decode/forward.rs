@@ -13,7 +13,7 @@ use std::io::Read;
 
 use super::msgpack::{Head, Reader, Scan, ScanError, Step};
 use super::{Codec, DecodeError, EventTime};
-use crate::limits::{EVENT_TIME_EXT, MAX_CHUNK_ID};
+use crate::limits::{EVENT_TIME_EXT, MAX_CHUNK_ID, MAX_TAG};
 
 /// One event: its time and its record, a msgpack map still in wire form.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,6 +110,7 @@ pub fn parse_frame(frame: &[u8]) -> Result<Frame<'_>, DecodeError> {
 
     let m = r.peek().unwrap_or(0);
     let tag = match r.head()? {
+        Head::Str(len) if len as usize > MAX_TAG => return Err(DecodeError::TagTooLong),
         Head::Str(len) => {
             simdutf8::basic::from_utf8(r.take(len as usize)?).map_err(|_| DecodeError::BadTag(m))?
         }
@@ -325,8 +326,12 @@ pub fn inflate(
         Codec::Gzip => flate2::read::MultiGzDecoder::new(body)
             .take(limit)
             .read_to_end(out),
-        Codec::Zstd => zstd::stream::read::Decoder::with_buffer(body)
-            .and_then(|d| d.take(limit).read_to_end(out)),
+        // zstd frames declare their window; refuse windows larger than the limit itself.
+        Codec::Zstd => zstd::stream::read::Decoder::with_buffer(body).and_then(|mut d| {
+            let log = (usize::BITS - max.leading_zeros()).clamp(10, 31);
+            d.window_log_max(log)?;
+            d.take(limit).read_to_end(out)
+        }),
     };
     match read {
         Ok(_) if out.len() > max => Err(DecodeError::DecompressedTooLarge(max)),
@@ -352,9 +357,16 @@ const MAX_SPANS: usize = 1 << 16;
 pub struct Scratch {
     inflated: Vec<u8>,
     spans: Vec<Span>,
+    /// Entries in the frame last validated.
+    count: u64,
 }
 
 impl Scratch {
+    /// Bytes the frame last validated inflated to (0 if it was not compressed).
+    pub fn inflated_len(&self) -> usize {
+        self.inflated.len()
+    }
+
     /// Gives back memory a large frame made it take.
     fn trim(&mut self) {
         if self.inflated.capacity() > 4 << 20 {
@@ -395,6 +407,7 @@ impl<'a> Frame<'a> {
         'a: 'b,
     {
         scratch.trim();
+        scratch.inflated.clear();
         let body = match self.entries {
             Entries::Message(ev) => {
                 return Ok(Events {
@@ -415,6 +428,7 @@ impl<'a> Frame<'a> {
         };
         let count = note_entries(body, &mut scratch.spans)?;
         check_size(self.size, count)?;
+        scratch.count = count;
         let rest = match scratch.spans.last() {
             Some(last) if count as usize > scratch.spans.len() => {
                 Reader::new(&body[last.end as usize..])
@@ -427,6 +441,44 @@ impl<'a> Frame<'a> {
             rest,
             one: None,
         })
+    }
+}
+
+impl<'a> Frame<'a> {
+    /// The events of a frame after the first `taken`, from the `scratch` that
+    /// [`Frame::events`] filled for it: nothing is validated or inflated again. For a
+    /// frame whose ingestion paused and now goes on.
+    pub fn resume<'b>(&self, scratch: &'b Scratch, taken: u64) -> Events<'b>
+    where
+        'a: 'b,
+    {
+        let body = match self.entries {
+            Entries::Message(ev) => {
+                return Events {
+                    body: &[],
+                    spans: [].iter(),
+                    rest: Reader::new(&[]),
+                    one: (taken == 0).then_some(ev),
+                };
+            }
+            Entries::Stream { body, codec: None } => body,
+            Entries::Stream { codec: Some(_), .. } => &scratch.inflated[..],
+        };
+        let noted = scratch.spans.len();
+        let rest = match scratch.spans.last() {
+            Some(last) if scratch.count as usize > noted => Reader::new(&body[last.end as usize..]),
+            _ => Reader::new(&[]),
+        };
+        let mut events = Events {
+            body,
+            spans: scratch.spans[(taken as usize).min(noted)..].iter(),
+            rest,
+            one: None,
+        };
+        for _ in noted as u64..taken {
+            events.next();
+        }
+        events
     }
 }
 
@@ -895,6 +947,12 @@ mod tests {
                 actual: 1
             }
         );
+        // A tag longer than MAX_TAG.
+        let mut b = vec![0x92, 0xda];
+        b.extend(2000u16.to_be_bytes());
+        b.extend([b'a'; 2000]);
+        b.extend([0x90]);
+        assert_eq!(frame_err(&b), DecodeError::TagTooLong);
         // Not a frame at all: an HTTP request on the forward port.
         assert_eq!(
             frame_err(b"GET / HTTP/1.1\r\n"),

@@ -58,6 +58,8 @@ pub enum DecodeError {
     FrameTooLarge(usize),
     #[error("tag is not a UTF-8 string (marker {0:#04x})")]
     BadTag(u8),
+    #[error("tag is longer than {} bytes", crate::limits::MAX_TAG)]
+    TagTooLong,
     #[error("second element is not a time, an entries array or packed entries (marker {0:#04x})")]
     BadMode(u8),
     #[error("event time is not an integer, float or EventTime (marker {0:#04x})")]
@@ -94,7 +96,7 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Counter names, indexed by [`DecodeError::index`].
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 22] = [
         "not_a_frame",
         "truncated",
         "reserved_marker",
@@ -116,6 +118,7 @@ impl DecodeError {
         "invalid_json",
         "not_an_object",
         "line_too_long",
+        "tag_too_long",
     ];
 
     pub fn index(&self) -> usize {
@@ -141,6 +144,7 @@ impl DecodeError {
             DecodeError::InvalidJson => 18,
             DecodeError::NotAnObject => 19,
             DecodeError::LineTooLong(_) => 20,
+            DecodeError::TagTooLong => 21,
         }
     }
 

@@ -136,4 +136,26 @@ mod tests {
         assert_eq!(std::fs::read(rotated).unwrap(), b"aaaa\nbbbb\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn rotates_by_age() {
+        let dir = std::env::temp_dir().join(format!("sluice-file-age-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("out.ndjson");
+        let mut w = FileWriter::new(path.clone(), None, Some(Duration::from_millis(50)));
+        w.write(b"old\n").unwrap();
+        w.write(b"still young\n").unwrap();
+        std::thread::sleep(Duration::from_millis(80));
+        w.write(b"new\n").unwrap();
+        w.close().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
+        let rotated: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| *p != path)
+            .collect();
+        assert_eq!(rotated.len(), 1);
+        assert_eq!(std::fs::read(&rotated[0]).unwrap(), b"old\nstill young\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

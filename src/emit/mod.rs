@@ -175,6 +175,14 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
         c.events += batch.events as u64;
         c.bytes += batch.data.len() as u64;
         give_back(&ports.done, batch).await;
+        // A busy inbox always wins the race above; report between batches too.
+        if tokio::time::Instant::now() >= next_report {
+            let _ = reporter.send(Report::Sink {
+                sink: index,
+                counters: c,
+            });
+            next_report += REPORT_EVERY;
+        }
     }
     if let Some(mut w) = writer {
         if let Err(e) = w.close() {

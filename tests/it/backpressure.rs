@@ -153,3 +153,101 @@ fn a_stalled_sink_blocks_the_client_without_loss_or_growth() {
     drop(client.join().unwrap());
     s.assert_healthy();
 }
+
+const AMPLIFY: &str = r#"
+[engine]
+workers = 2
+stats_interval = "1s"
+ring_capacity = 2
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+
+[sinks.out]
+type = "stdout"
+batch_bytes = "256KiB"
+linger = "50ms"
+
+[[routes]]
+match = "**"
+sinks = "out"
+tag_key = "tag"
+time_key = "time"
+"#;
+
+/// Small compressed frames that inflate to many tiny events, each written out several
+/// times larger (tag and time added): one frame alone would queue megabytes of batches if
+/// backpressure were only checked between frames. The core pauses inside the frame instead.
+#[test]
+fn a_compressed_frame_pauses_mid_frame_instead_of_queueing() {
+    const FRAMES: usize = 12;
+    const PER_FRAME: usize = 200_000;
+    let mut s = Sluice::start_with("bp-amplify", AMPLIFY, Opts { pipe_stdout: true });
+    let stdout = s.stdout.take().unwrap();
+    let mut conn = connect(s.addr("fwd"));
+    let mut acks_conn = conn.try_clone().unwrap();
+    let acks = std::thread::spawn(move || read_acks(&mut acks_conn, FRAMES).len());
+    let mut frames = vec![];
+    for f in 0..FRAMES {
+        // [time, {"s": seq}] entries, gzip-compressed: about 11 B each inflated, ~95 B out.
+        let mut entries = vec![];
+        for k in 0..PER_FRAME {
+            entries.push(0x92);
+            entries.push(0x01);
+            entries.extend([0x81, 0xa1, b's']);
+            rmp::encode::write_uint(&mut entries, (f * PER_FRAME + k) as u64).unwrap();
+        }
+        let mut frame = vec![0x93, 0xa3, b'a', b'm', b'p'];
+        rmp::encode::write_bin(&mut frame, &crate::frames::gzip(&entries)).unwrap();
+        rmpv::encode::write_value(
+            &mut frame,
+            &rmpv::Value::Map(vec![
+                ("compressed".into(), "gzip".into()),
+                ("chunk".into(), format!("z{f}").into()),
+            ]),
+        )
+        .unwrap();
+        frames.push(frame);
+    }
+    let wire: usize = frames.iter().map(Vec::len).sum();
+    let client = std::thread::spawn(move || {
+        for f in &frames {
+            conn.write_all(f)
+                .expect("the connection stays open under backpressure");
+        }
+    });
+    // The sink is stalled: once the core has paused, memory stays where it is.
+    let stats = s.wait_stat("backpressure_waits", |n| n > 0);
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = s.rss_kib();
+    eprintln!(
+        "amplify: {wire} bytes on the wire for {} events; sluice RSS {rss} KiB while stalled, {} events in",
+        FRAMES * PER_FRAME,
+        stats["events_in"]
+    );
+    assert!(
+        rss < 64 * 1024,
+        "RSS {rss} KiB: batches queued inside a frame"
+    );
+    assert!(
+        stats["events_in"] < PER_FRAME as u64,
+        "the stalled core stopped inside the first frame, not after it ({} events in)",
+        stats["events_in"]
+    );
+
+    let mut seen = vec![0u8; FRAMES * PER_FRAME];
+    let mut lines = 0;
+    for line in BufReader::new(stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        seen[v["s"].as_u64().unwrap() as usize] += 1;
+        lines += 1;
+        if lines == FRAMES * PER_FRAME {
+            break;
+        }
+    }
+    assert!(seen.iter().all(|&n| n == 1), "every event exactly once");
+    assert_eq!(acks.join().unwrap(), FRAMES, "every chunk acked");
+    client.join().unwrap();
+    s.assert_healthy();
+}

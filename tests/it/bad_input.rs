@@ -148,3 +148,59 @@ fn broken_input_is_refused_alone_while_good_traffic_flows() {
     assert_exactly_once(&lines, "json", "json", 1);
     s.assert_healthy();
 }
+
+/// A peer that sends chunks but never reads its acks is stopped (its acks would otherwise
+/// pile up in memory); the connection stays open.
+#[test]
+fn a_peer_that_never_reads_its_acks_is_stopped_not_buffered() {
+    let mut s = Sluice::start("bad-acks", CONFIG);
+    let mut conn = connect(s.addr("fwd"));
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let sent = sent.clone();
+        let mut conn = conn.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Unmatched tags are acked at once: 100-byte chunk ids, acks as fast as we write.
+            let chunk = "c".repeat(100);
+            let mut f = vec![0x94, 0xa7];
+            f.extend(b"nomatch");
+            f.extend([0x01, 0x80, 0x81, 0xa5]);
+            f.extend(b"chunk");
+            f.extend([0xd9, 100]);
+            f.extend(chunk.as_bytes());
+            let burst: Vec<u8> = f.repeat(1000);
+            for _ in 0..100_000 {
+                if conn.write_all(&burst).is_err() {
+                    return;
+                }
+                sent.fetch_add(burst.len(), Ordering::Relaxed);
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    let mut last = (0, std::time::Instant::now());
+    loop {
+        let n = sent.load(Ordering::Relaxed);
+        if n != last.0 {
+            last = (n, std::time::Instant::now());
+        } else if last.1.elapsed() > std::time::Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            start.elapsed() < crate::harness::PATIENCE,
+            "the writer was never stopped ({n} bytes)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let rss = s.rss_kib();
+    eprintln!(
+        "acks not read: the peer was stopped after {} bytes; RSS {rss} KiB",
+        sent.load(Ordering::Relaxed)
+    );
+    assert!(rss < 96 * 1024, "RSS {rss} KiB");
+    assert!(!writer.is_finished(), "the writer is blocked, not done");
+    // Reading the acks lets it go on.
+    assert!(read_acks(&mut conn, 1000).len() >= 1000);
+    s.assert_healthy();
+    drop(conn);
+}
