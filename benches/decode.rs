@@ -9,7 +9,6 @@
 //! Throughput is in input bytes. Run with `cargo bench --bench decode`.
 
 use std::hint::black_box;
-use std::io::Write;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rmpv::Value;
@@ -19,97 +18,29 @@ use sluice::decode::forward::{Decoded, Decoder, Scratch};
 use sluice::decode::jsonl::{Framed, JsonParser, Lines};
 use sluice::limits::JSON_PADDING;
 
+#[path = "../tests/support/forward.rs"]
+mod support;
+use support::{Mode, Opts, Time, docker_record, frame};
+
 const EVENTS_PER_FRAME: usize = 1000;
 
-/// A Docker fluentd-driver record of about `size` bytes of msgpack.
-fn docker_record(i: usize, size: usize) -> Value {
-    let base = 135;
-    let log: String = format!("{i:08} GET /api/items?page={i} HTTP/1.1 200 ")
-        .chars()
-        .chain(std::iter::repeat('x'))
-        .take(size.saturating_sub(base).max(8))
-        .collect();
-    Value::Map(vec![
-        (
-            "container_id".into(),
-            "4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8".into(),
-        ),
-        ("container_name".into(), "/web-1".into()),
-        ("source".into(), "stdout".into()),
-        ("log".into(), log.into()),
-    ])
-}
-
-fn entries(size: usize, n: usize) -> Vec<u8> {
-    let mut out = vec![];
-    for i in 0..n {
-        out.extend([0x92, 0xd7, 0x00]);
-        out.extend(1_700_000_000u32.to_be_bytes());
-        out.extend((i as u32).to_be_bytes());
-        rmpv::encode::write_value(&mut out, &docker_record(i, size)).unwrap();
-    }
-    out
-}
-
-fn frame(mode: &str, size: usize) -> Vec<u8> {
-    let n = if mode == "message" {
+/// A stream of frames holding about 1 MiB of records of `size` bytes.
+fn stream(mode: Mode, size: usize) -> Vec<u8> {
+    let per = if mode == Mode::Message {
         1
     } else {
         EVENTS_PER_FRAME
     };
-    let body = entries(size, n);
-    let mut out = vec![];
-    let tag = "docker.web";
-    match mode {
-        "message" => {
-            // [tag, time, record]: the entry without its array head
-            rmp::encode::write_array_len(&mut out, 3).unwrap();
-            rmp::encode::write_str(&mut out, tag).unwrap();
-            out.extend(&body[1..]);
-        }
-        "forward" => {
-            rmp::encode::write_array_len(&mut out, 2).unwrap();
-            rmp::encode::write_str(&mut out, tag).unwrap();
-            rmp::encode::write_array_len(&mut out, n as u32).unwrap();
-            out.extend(body);
-        }
-        "packed" => {
-            rmp::encode::write_array_len(&mut out, 2).unwrap();
-            rmp::encode::write_str(&mut out, tag).unwrap();
-            rmp::encode::write_bin(&mut out, &body).unwrap();
-        }
-        "gzip" | "zstd" => {
-            let z = if mode == "gzip" {
-                let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
-                e.write_all(&body).unwrap();
-                e.finish().unwrap()
-            } else {
-                zstd::encode_all(&body[..], 3).unwrap()
-            };
-            rmp::encode::write_array_len(&mut out, 3).unwrap();
-            rmp::encode::write_str(&mut out, tag).unwrap();
-            rmp::encode::write_bin(&mut out, &z).unwrap();
-            rmpv::encode::write_value(
-                &mut out,
-                &Value::Map(vec![("compressed".into(), mode.into())]),
+    let events: Vec<_> = (0..per)
+        .map(|i| {
+            (
+                Time::FixExt8(1_700_000_000, i as u32),
+                docker_record(i, size),
             )
-            .unwrap();
-        }
-        _ => unreachable!(),
-    }
-    out
-}
-
-/// A stream of frames of about 1 MiB of records.
-fn stream(mode: &str, size: usize) -> Vec<u8> {
-    let one = frame(mode, size);
-    let per = if mode == "message" {
-        1
-    } else {
-        EVENTS_PER_FRAME
-    };
-    let frames = ((1 << 20) / (size * per)).max(1);
-    one.repeat(frames)
+        })
+        .collect();
+    let one = frame(mode, "docker.web", &events, Opts::default());
+    one.repeat(((1 << 20) / (size * per)).max(1))
 }
 
 /// Decodes a stream and calls `f` for each event; returns the event count.
@@ -138,12 +69,19 @@ fn decode(
 
 fn forward_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward_decode");
-    for mode in ["message", "forward", "packed", "gzip", "zstd"] {
+    let modes = [
+        ("message", Mode::Message),
+        ("forward", Mode::Forward),
+        ("packed", Mode::PackedBin),
+        ("gzip", Mode::Gzip),
+        ("zstd", Mode::Zstd),
+    ];
+    for (name, mode) in modes {
         for size in [200, 2048] {
             let input = stream(mode, size);
             g.throughput(Throughput::Bytes(input.len() as u64));
             let mut scratch = Scratch::default();
-            g.bench_function(format!("{mode}/{size}B"), |b| {
+            g.bench_function(format!("{name}/{size}B"), |b| {
                 b.iter(|| {
                     decode(black_box(&input), &mut scratch, |_, t, r| {
                         black_box((t, r));
@@ -158,7 +96,7 @@ fn forward_decode(c: &mut Criterion) {
 fn packed_to_json(c: &mut Criterion) {
     let mut g = c.benchmark_group("packed_to_json");
     for size in [200, 2048] {
-        let input = stream("packed", size);
+        let input = stream(Mode::PackedBin, size);
         g.throughput(Throughput::Bytes(input.len() as u64));
         let mut shape = Shape::new(&ShapeConfig::default());
         let mut out = Vec::with_capacity(4 * input.len());
@@ -173,7 +111,7 @@ fn packed_to_json(c: &mut Criterion) {
         });
     }
     // With the tag and an RFC 3339 time injected, as the default config writes.
-    let input = stream("packed", 200);
+    let input = stream(Mode::PackedBin, 200);
     g.throughput(Throughput::Bytes(input.len() as u64));
     let mut shape = Shape::new(&ShapeConfig {
         tag_key: Some("tag".into()),

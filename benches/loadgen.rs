@@ -71,49 +71,28 @@ fn args() -> Args {
     a
 }
 
-/// A Docker fluentd-driver record of `size` bytes of msgpack, as the criterion benches use.
-fn entry(i: usize, size: usize, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend([0x92, 0xd7, 0x00]);
-    out.extend(1_700_000_000u32.to_be_bytes());
-    out.extend((i as u32).to_be_bytes());
-    out.push(0x84);
-    for (k, v) in [
-        (
-            "container_id",
-            "4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8",
-        ),
-        ("container_name", "/web-1"),
-        ("source", "stdout"),
-    ] {
-        rmp::encode::write_str(out, k).unwrap();
-        rmp::encode::write_str(out, v).unwrap();
-    }
-    rmp::encode::write_str(out, "log").unwrap();
-    let used = out.len() - start + 2;
-    let log: String = format!("{i:08} GET /api/items HTTP/1.1 200 ")
-        .chars()
-        .chain(std::iter::repeat('x'))
-        .take(size.saturating_sub(used).max(8))
-        .collect();
-    rmp::encode::write_str(out, &log).unwrap();
-}
+#[path = "../tests/support/forward.rs"]
+mod support;
+use support::{Mode, Opts, Time, docker_record};
 
 /// A PackedForward frame and where its 16-digit chunk id sits.
 fn frame(events: usize, size: usize) -> (Vec<u8>, usize) {
-    let mut body = vec![];
-    for i in 0..events {
-        entry(i, size, &mut body);
-    }
-    let mut f = vec![0x93];
-    rmp::encode::write_str(&mut f, "docker.web").unwrap();
-    rmp::encode::write_bin(&mut f, &body).unwrap();
-    f.push(0x82);
-    rmp::encode::write_str(&mut f, "size").unwrap();
-    rmp::encode::write_uint(&mut f, events as u64).unwrap();
-    rmp::encode::write_str(&mut f, "chunk").unwrap();
-    rmp::encode::write_str(&mut f, "0000000000000000").unwrap();
-    let at = f.len() - 16;
+    let events: Vec<_> = (0..events)
+        .map(|i| {
+            (
+                Time::FixExt8(1_700_000_000, i as u32),
+                docker_record(i, size),
+            )
+        })
+        .collect();
+    let id = b"0000000000000000";
+    let opts = Opts {
+        chunk: Some(std::str::from_utf8(id).unwrap()),
+        size: true,
+        nil_options: false,
+    };
+    let f = support::frame(Mode::PackedBin, "docker.web", &events, opts);
+    let at = f.windows(id.len()).rposition(|w| w == id).unwrap();
     (f, at)
 }
 

@@ -20,3 +20,8 @@ pub mod probe;
 pub mod ring;
 pub mod route;
 pub mod shard;
+
+/// Forward frames built with rmp and rmpv, shared with the integration tests and benches.
+#[cfg(test)]
+#[path = "../tests/support/forward.rs"]
+pub(crate) mod test_frames;

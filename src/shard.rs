@@ -447,58 +447,50 @@ mod tests {
     use crate::conn::{Conn, ForwardConn, Progress};
     use crate::decode::forward::Scratch;
     use crate::ring::ring;
+    use crate::test_frames::{Mode, Opts, Time, docker_record, frame};
     use std::cell::RefCell;
 
-    /// A PackedForward frame of 1000 Docker-style events of about 200 B, with a chunk.
+    /// A PackedForward frame of 1000 Docker events of about 200 B, with a chunk.
     fn docker_frame() -> Vec<u8> {
-        let mut body = vec![];
-        for i in 0..1000u32 {
-            body.extend([0x92, 0xd7, 0x00]);
-            body.extend(1_700_000_000u32.to_be_bytes());
-            body.extend(i.to_be_bytes());
-            body.push(0x84);
-            for (k, v) in [
+        let events: Vec<_> = (0..1000)
+            .map(|i| {
                 (
-                    "container_id",
-                    "4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8",
-                ),
-                ("container_name", "/web-1"),
-                ("source", "stdout"),
-                (
-                    "log",
-                    "GET /api/items?page=1 HTTP/1.1 200 1234 \"-\" \"curl/8.5\" x",
-                ),
-            ] {
-                rmp::encode::write_str(&mut body, k).unwrap();
-                rmp::encode::write_str(&mut body, v).unwrap();
-            }
-        }
-        let mut f = vec![0x93, 0xa3, b'w', b'e', b'b'];
-        rmp::encode::write_bin(&mut f, &body).unwrap();
-        f.extend([0x81, 0xa5]);
-        f.extend(b"chunk");
-        f.extend([0xa8]);
-        f.extend(b"chunk-01");
-        f
+                    Time::FixExt8(1_700_000_000, i as u32),
+                    docker_record(i, 200),
+                )
+            })
+            .collect();
+        let opts = Opts {
+            chunk: Some("chunk-01"),
+            ..Opts::default()
+        };
+        frame(Mode::PackedBin, "web", &events, opts)
+    }
+
+    /// A shard with one null sink (adding tag and time), the emitter's ends of its rings,
+    /// and a Forward connection.
+    fn setup() -> (Shard, Consumer<Batch>, Producer<Batch>, ForwardConn) {
+        let cfg = Config::parse(
+            "[inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\
+             [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\ntag_key = \"tag\"\ntime_key = \"time\"\n",
+        )
+        .unwrap();
+        let (batches, batches_rx) = ring(4);
+        let (done_tx, done) = ring(10);
+        let shard = Shard::new(0, &cfg, vec![SinkRings { batches, done }]);
+        let conn = ForwardConn::new(
+            64 << 20,
+            64 << 20,
+            Rc::new(RefCell::new(Scratch::default())),
+        );
+        (shard, batches_rx, done_tx, conn)
     }
 
     /// A peer that declares a 48 MiB frame and sends 8 bytes gets a buffer sized by what
     /// it sent, not by what it declared.
     #[test]
     fn a_declared_frame_grows_the_buffer_only_as_bytes_arrive() {
-        let cfg = Config::parse(
-            "[inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\
-             [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\n",
-        )
-        .unwrap();
-        let (batches, _rx) = ring(4);
-        let (_tx, done) = ring(10);
-        let mut shard = Shard::new(0, &cfg, vec![SinkRings { batches, done }]);
-        let mut conn = ForwardConn::new(
-            64 << 20,
-            64 << 20,
-            Rc::new(RefCell::new(Scratch::default())),
-        );
+        let (mut shard, _batches, _done, mut conn) = setup();
         // ["t", bin32 of 48 MiB ...
         let head = [0x92, 0xa1, b't', 0xc6, 0x03, 0x00, 0x00, 0x00];
         conn.read_buf()[..8].copy_from_slice(&head);
@@ -516,19 +508,7 @@ mod tests {
     /// allocate per event; what allocates is per frame or per batch at most.
     #[test]
     fn steady_state_allocates_nothing_per_event() {
-        let cfg = Config::parse(
-            "[inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\
-             [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\ntag_key = \"tag\"\ntime_key = \"time\"\n",
-        )
-        .unwrap();
-        let (batches, batches_rx) = ring(4);
-        let (done_tx, done) = ring(10);
-        let mut shard = Shard::new(0, &cfg, vec![SinkRings { batches, done }]);
-        let mut conn = ForwardConn::new(
-            16 << 20,
-            64 << 20,
-            Rc::new(RefCell::new(Scratch::default())),
-        );
+        let (mut shard, batches_rx, done_tx, mut conn) = setup();
         let frame = docker_frame();
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut run = |frames: usize| {

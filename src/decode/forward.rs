@@ -521,29 +521,10 @@ mod tests {
 
     use super::*;
     use crate::batch::shape::{Shape, ShapeConfig};
+    use crate::test_frames::{Mode, Opts, Time, frame};
     use proptest::prelude::*;
     use rmpv::Value;
     use std::io::Write;
-
-    #[derive(Clone, Debug)]
-    enum Time {
-        Int(u32),
-        FixExt8(u32, u32),
-        Ext8(u32, u32),
-        Float(u32),
-        /// Fluent Bit 2.1+: `[time, metadata]`
-        WithMeta(u32),
-    }
-
-    #[derive(Clone, Copy, Debug)]
-    enum Mode {
-        Message,
-        Forward,
-        PackedBin,
-        PackedStr,
-        Gzip,
-        Zstd,
-    }
 
     #[derive(Clone, Debug)]
     struct Spec {
@@ -629,109 +610,13 @@ mod tests {
             })
     }
 
-    fn put_time(out: &mut Vec<u8>, t: &Time) {
-        match t {
-            Time::Int(s) => {
-                rmp::encode::write_uint(out, *s as u64).unwrap();
-            }
-            Time::FixExt8(s, n) => {
-                out.extend_from_slice(&[0xd7, 0x00]);
-                out.extend_from_slice(&s.to_be_bytes());
-                out.extend_from_slice(&n.to_be_bytes());
-            }
-            Time::Ext8(s, n) => {
-                out.extend_from_slice(&[0xc7, 0x08, 0x00]);
-                out.extend_from_slice(&s.to_be_bytes());
-                out.extend_from_slice(&n.to_be_bytes());
-            }
-            Time::Float(s) => rmp::encode::write_f64(out, *s as f64 + 0.5).unwrap(),
-            Time::WithMeta(s) => {
-                out.push(0x92);
-                rmp::encode::write_uint(out, *s as u64).unwrap();
-                rmpv::encode::write_value(
-                    out,
-                    &Value::Map(vec![(Value::from("k"), Value::from(1))]),
-                )
-                .unwrap();
-            }
-        }
-    }
-
-    fn entries(events: &[(Time, Value)]) -> Vec<u8> {
-        let mut out = vec![];
-        for (t, r) in events {
-            out.push(0x92);
-            put_time(&mut out, t);
-            rmpv::encode::write_value(&mut out, r).unwrap();
-        }
-        out
-    }
-
-    /// Two compressed members (or frames) back to back, as Fluent Bit may send.
-    fn compress(mode: Mode, body: &[u8]) -> Vec<u8> {
-        let (a, b) = body.split_at(body.len() / 2);
-        let mut out = vec![];
-        for part in [a, b] {
-            match mode {
-                Mode::Gzip => {
-                    let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::fast());
-                    e.write_all(part).unwrap();
-                    out.extend(e.finish().unwrap());
-                }
-                _ => out.extend(zstd::encode_all(part, 1).unwrap()),
-            }
-        }
-        out
-    }
-
     fn encode(s: &Spec) -> Vec<u8> {
-        let mut opts: Vec<(Value, Value)> = vec![];
-        if s.size {
-            opts.push(("size".into(), Value::from(s.events.len() as u64)));
-        }
-        if let Some(c) = &s.chunk {
-            opts.push(("chunk".into(), Value::from(c.as_str())));
-        }
-        match s.mode {
-            Mode::Gzip => opts.push(("compressed".into(), "gzip".into())),
-            Mode::Zstd => opts.push(("compressed".into(), "zstd".into())),
-            _ => {}
-        }
-        let option = if !opts.is_empty() {
-            Some(Value::Map(opts))
-        } else if s.nil_options {
-            Some(Value::Nil)
-        } else {
-            None
+        let opts = Opts {
+            chunk: s.chunk.as_deref(),
+            size: s.size,
+            nil_options: s.nil_options,
         };
-        let mut out = vec![];
-        let n = 2 + matches!(s.mode, Mode::Message) as u32 + option.is_some() as u32;
-        rmp::encode::write_array_len(&mut out, n).unwrap();
-        rmp::encode::write_str(&mut out, &s.tag).unwrap();
-        match s.mode {
-            Mode::Message => {
-                let (t, r) = &s.events[0];
-                put_time(&mut out, t);
-                rmpv::encode::write_value(&mut out, r).unwrap();
-            }
-            Mode::Forward => {
-                rmp::encode::write_array_len(&mut out, s.events.len() as u32).unwrap();
-                out.extend(entries(&s.events));
-            }
-            Mode::PackedBin => rmp::encode::write_bin(&mut out, &entries(&s.events)).unwrap(),
-            Mode::PackedStr => {
-                let body = entries(&s.events);
-                rmp::encode::write_str_len(&mut out, body.len() as u32).unwrap();
-                out.extend(body);
-            }
-            Mode::Gzip | Mode::Zstd => {
-                rmp::encode::write_bin(&mut out, &compress(s.mode, &entries(&s.events))).unwrap()
-            }
-        }
-        if let Some(o) = option {
-            rmpv::encode::write_value(&mut out, &o).unwrap();
-        }
-        out
+        frame(s.mode, &s.tag, &s.events, opts)
     }
 
     type Event = (String, EventTime, Value, Option<Vec<u8>>);

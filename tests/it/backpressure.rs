@@ -154,27 +154,11 @@ fn a_stalled_sink_blocks_the_client_without_loss_or_growth() {
     s.assert_healthy();
 }
 
-const AMPLIFY: &str = r#"
-[engine]
-workers = 2
-stats_interval = "1s"
-ring_capacity = 2
-
-[inputs.fwd]
-type = "forward"
-address = "127.0.0.1:0"
-
-[sinks.out]
-type = "stdout"
-batch_bytes = "256KiB"
-linger = "50ms"
-
-[[routes]]
-match = "**"
-sinks = "out"
-tag_key = "tag"
-time_key = "time"
-"#;
+/// The same, with the tag and time added to every event (the route is the config's last
+/// table, so its keys can be appended).
+fn amplify() -> String {
+    format!("{CONFIG}tag_key = \"tag\"\ntime_key = \"time\"\n")
+}
 
 /// Small compressed frames that inflate to many tiny events, each written out several
 /// times larger (tag and time added): one frame alone would queue megabytes of batches if
@@ -183,7 +167,7 @@ time_key = "time"
 fn a_compressed_frame_pauses_mid_frame_instead_of_queueing() {
     const FRAMES: usize = 12;
     const PER_FRAME: usize = 200_000;
-    let mut s = Sluice::start_with("bp-amplify", AMPLIFY, Opts { pipe_stdout: true });
+    let mut s = Sluice::start_with("bp-amplify", &amplify(), Opts { pipe_stdout: true });
     let stdout = s.stdout.take().unwrap();
     let mut conn = connect(s.addr("fwd"));
     let mut acks_conn = conn.try_clone().unwrap();

@@ -1,125 +1,29 @@
-//! Forward protocol frames for the tests, built with rmpv (not with the code under test),
-//! and a client that sends them and reads the acks back.
+//! A Forward client for the tests: connect, read acks, tell a server-side close. The
+//! frames themselves come from `tests/support/forward.rs`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use rmpv::Value;
+pub use crate::support::{MODES, Mode, Opts, Time, gzip, record};
 
-/// The four modes, with both encodings of PackedForward entries and both codecs.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Mode {
-    Message,
-    Forward,
-    PackedBin,
-    PackedStr,
-    Gzip,
-    Zstd,
-}
-
-pub const MODES: [Mode; 6] = [
-    Mode::Message,
-    Mode::Forward,
-    Mode::PackedBin,
-    Mode::PackedStr,
-    Mode::Gzip,
-    Mode::Zstd,
-];
-
-/// How the event time is written.
-#[derive(Clone, Copy, Debug)]
-pub enum Time {
-    Int(u32),
-    FixExt8(u32, u32),
-    Ext8(u32, u32),
-}
-
-pub fn put_time(out: &mut Vec<u8>, t: Time) {
-    match t {
-        Time::Int(s) => rmp::encode::write_uint(out, s as u64).map(drop).unwrap(),
-        Time::FixExt8(s, n) => {
-            out.extend_from_slice(&[0xd7, 0x00]);
-            out.extend_from_slice(&s.to_be_bytes());
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-        Time::Ext8(s, n) => {
-            out.extend_from_slice(&[0xc7, 0x08, 0x00]);
-            out.extend_from_slice(&s.to_be_bytes());
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-    }
-}
-
-/// A record with `seq` and `client`, padded with a `log` field to about `size` bytes.
-pub fn record(client: &str, seq: usize, size: usize) -> Value {
-    let base = 80;
-    let log = "x".repeat(size.saturating_sub(base));
-    Value::Map(vec![
-        (
-            "container_id".into(),
-            "4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c".into(),
-        ),
-        ("container_name".into(), "/web-1".into()),
-        ("source".into(), "stdout".into()),
-        ("seq".into(), Value::from(seq as u64)),
-        ("client".into(), client.into()),
-        ("log".into(), log.into()),
-    ])
-}
-
-/// One frame in `mode` carrying `events`, with the `chunk` option if given.
-pub fn frame(mode: Mode, tag: &str, events: &[(Time, Value)], chunk: Option<&str>) -> Vec<u8> {
-    let mut entries = vec![];
-    for (t, r) in events {
-        entries.push(0x92);
-        put_time(&mut entries, *t);
-        rmpv::encode::write_value(&mut entries, r).unwrap();
-    }
-    let mut opts: Vec<(Value, Value)> = vec![("size".into(), Value::from(events.len() as u64))];
-    if let Some(c) = chunk {
-        opts.push(("chunk".into(), c.into()));
-    }
-    let mut out = vec![];
-    let n = if mode == Mode::Message { 4 } else { 3 };
-    rmp::encode::write_array_len(&mut out, n).unwrap();
-    rmp::encode::write_str(&mut out, tag).unwrap();
-    match mode {
-        Mode::Message => {
-            assert_eq!(events.len(), 1, "Message mode carries one event");
-            put_time(&mut out, events[0].0);
-            rmpv::encode::write_value(&mut out, &events[0].1).unwrap();
-        }
-        Mode::Forward => {
-            rmp::encode::write_array_len(&mut out, events.len() as u32).unwrap();
-            out.extend(entries);
-        }
-        Mode::PackedBin => rmp::encode::write_bin(&mut out, &entries).unwrap(),
-        Mode::PackedStr => {
-            rmp::encode::write_str_len(&mut out, entries.len() as u32).unwrap();
-            out.extend(entries);
-        }
-        Mode::Gzip => {
-            // Two gzip members, as Fluent Bit may send.
-            let (a, b) = entries.split_at(entries.len() / 2);
-            let mut z = gzip(a);
-            z.extend(gzip(b));
-            rmp::encode::write_bin(&mut out, &z).unwrap();
-            opts.push(("compressed".into(), "gzip".into()));
-        }
-        Mode::Zstd => {
-            rmp::encode::write_bin(&mut out, &zstd::encode_all(&entries[..], 3).unwrap()).unwrap();
-            opts.push(("compressed".into(), "zstd".into()));
-        }
-    }
-    rmpv::encode::write_value(&mut out, &Value::Map(opts)).unwrap();
-    out
-}
-
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
+/// A frame with the `size` option and, if given, `chunk`.
+pub fn frame(
+    mode: Mode,
+    tag: &str,
+    events: &[(Time, rmpv::Value)],
+    chunk: Option<&str>,
+) -> Vec<u8> {
+    crate::support::frame(
+        mode,
+        tag,
+        events,
+        Opts {
+            chunk,
+            size: true,
+            nil_options: false,
+        },
+    )
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {

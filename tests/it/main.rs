@@ -10,3 +10,5 @@ mod forward;
 mod frames;
 mod harness;
 mod json_lines;
+#[path = "../support/forward.rs"]
+mod support;
