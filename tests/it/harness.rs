@@ -127,13 +127,13 @@ impl Sluice {
         self.logs.lock().unwrap().clone()
     }
 
-    /// Waits for a log line matching `pred`; fails with the whole log if the process
-    /// exits or the wait runs out.
-    pub fn wait_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    /// Polls `check` until it gives a value; fails with the whole log if the process exits
+    /// or the wait runs out.
+    pub fn wait_for<T>(&mut self, what: &str, mut check: impl FnMut(&Self) -> Option<T>) -> T {
         let start = Instant::now();
         loop {
-            if let Some(l) = self.logs().into_iter().find(|l| pred(l)) {
-                return l;
+            if let Some(v) = check(self) {
+                return v;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
@@ -144,11 +144,17 @@ impl Sluice {
             }
             assert!(
                 start.elapsed() < PATIENCE,
-                "no log line for {what}:\n{}",
+                "never got {what}; last stats {:?}\n{}",
+                self.stats(),
                 self.logs().join("\n")
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for a log line matching `pred`.
+    pub fn wait_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for(what, |s| s.logs().into_iter().find(|l| pred(l)))
     }
 
     /// The counters of the latest stats line.
@@ -165,25 +171,10 @@ impl Sluice {
 
     /// Waits until counter `key` satisfies `pred`; returns all the counters then.
     pub fn wait_stat(&mut self, key: &str, pred: impl Fn(u64) -> bool) -> HashMap<String, u64> {
-        let start = Instant::now();
-        loop {
-            let s = self.stats();
-            if pred(s.get(key).copied().unwrap_or(0)) {
-                return s;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "sluice exited ({status}) waiting for {key}:\n{}",
-                    self.logs().join("\n")
-                );
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "counter {key} never got there; last stats {s:?}\n{}",
-                self.logs().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for(&format!("counter {key}"), |s| {
+            let stats = s.stats();
+            pred(stats.get(key).copied().unwrap_or(0)).then_some(stats)
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -293,21 +284,10 @@ pub fn read_json_lines(dir: &Path, prefix: &str) -> Vec<serde_json::Value> {
 
 /// Waits until files starting with `prefix` hold at least `n` JSON lines; returns them.
 pub fn wait_json_lines(s: &mut Sluice, prefix: &str, n: usize) -> Vec<serde_json::Value> {
-    let start = Instant::now();
-    loop {
+    s.wait_for(&format!("{n} lines in {prefix}*"), |s| {
         let lines = read_json_lines(&s.dir, prefix);
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(s.is_running(), "sluice died:\n{}", s.logs().join("\n"));
-        assert!(
-            start.elapsed() < PATIENCE,
-            "{prefix}*: {} of {n} lines arrived\n{}",
-            lines.len(),
-            s.logs().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (lines.len() >= n).then_some(lines)
+    })
 }
 
 /// Counts `(tag, client, seq)` triples and asserts each expected one appears exactly once.
