@@ -238,7 +238,7 @@ impl Shard {
     }
 
     /// Logs a failed accept (out of descriptors, say), at most once a second.
-    pub fn accept_failed(&mut self, e: &std::io::Error) {
+    pub fn accept_failed(&mut self, e: &dyn std::fmt::Display) {
         if let Some(suppressed) = self.warn.allow(Warn::Accept) {
             tracing::warn!(error = %e, suppressed, core = self.core, "Accepting a connection failed");
         }

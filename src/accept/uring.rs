@@ -108,9 +108,12 @@ pub async fn run(ctx: CoreCtx) {
         sleep(Duration::from_millis(10)).await;
     }
     if !shard.borrow().idle() {
+        let (batches, chunks) = shard.borrow().unsettled();
         tracing::warn!(
             core,
-            "Drain timeout reached; unsent events are not acked, so clients that use acks resend them"
+            batches,
+            chunks,
+            "Drain timeout reached with batches unsettled; their chunks are not acked, so clients that use acks send them again"
         );
     }
     shard.borrow_mut().set_phase(Phase::Closing);
@@ -191,17 +194,13 @@ async fn accept(listener: TcpListener, kind: InputKind, limit: usize, shard: Sha
             Ok(s) => s,
             Err(e) => {
                 // Out of descriptors or similar: say so, back off, and go on.
-                tracing::warn!(error = %e, "Accept failed");
+                shard.borrow_mut().accept_failed(&e);
                 sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         if open.get() >= limit {
-            shard.borrow_mut().counters.connections_refused += 1;
-            tracing::warn!(
-                limit,
-                "Refusing a connection: the input is at max_connections on this core"
-            );
+            shard.borrow_mut().refused_connection(limit);
             continue;
         }
         open.set(open.get() + 1);
