@@ -13,7 +13,7 @@ use crate::emit::{Emitter, Ports};
 use crate::metrics;
 use crate::probe;
 use crate::ring::ring;
-use crate::shard::SinkRings;
+use crate::shard::CoreSink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -34,7 +34,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
 
     // One ring each way per (core, sink).
     let cap = cfg.engine.ring_capacity;
-    let mut core_rings: Vec<Vec<SinkRings>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut core_rings: Vec<Vec<CoreSink>> = (0..workers).map(|_| Vec::new()).collect();
     let mut ports: Vec<Ports> = Vec::new();
     for _ in &cfg.sinks {
         let mut p = Ports {
@@ -44,7 +44,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         for rings in core_rings.iter_mut() {
             let (batches, batches_rx) = ring(cap);
             let (done_tx, done) = ring(2 * cap + 2);
-            rings.push(SinkRings { batches, done });
+            rings.push(CoreSink::stream(batches, done));
             p.batches.push(batches_rx);
             p.done.push(done_tx);
         }
@@ -58,8 +58,16 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         .name("sluice-stats".into())
         .spawn(move || metrics::collect(reports, workers, names, interval))
         .map_err(|e| EngineError::Start(format!("cannot start the stats thread: {e}")))?;
-    let emitter = Emitter::start(cfg.sinks.clone(), ports, reporter.clone())
+    let (emitter, mut plans) = Emitter::start(&cfg, ports, reporter.clone())
         .map_err(|e| EngineError::Start(format!("cannot start the emitter: {e}")))?;
+    // What the emitter learned from the services shapes each core's batches.
+    for (core, sinks) in core_rings.iter_mut().enumerate() {
+        for (sink, plan) in sinks.iter_mut().zip(plans.iter_mut()) {
+            sink.framing = plan.framing;
+            sink.key_field = plan.key_field.clone();
+            sink.shards = plan.feeds[core].take();
+        }
+    }
 
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let stop = Arc::new(stop);

@@ -20,6 +20,7 @@ pub mod probe;
 pub mod ring;
 pub mod route;
 pub mod shard;
+pub mod shards;
 
 /// Forward frames built with rmp and rmpv, shared with the integration tests and benches.
 #[cfg(test)]

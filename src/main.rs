@@ -135,6 +135,21 @@ fn validate(file: &PathBuf) -> anyhow::Result<()> {
             SinkKind::Stdout => "stdout".to_string(),
             SinkKind::File { path, .. } => format!("file {}", path.display()),
             SinkKind::Null => "null".to_string(),
+            SinkKind::Kinesis(k) => {
+                let mut w = format!("kinesis stream {}", k.stream);
+                if k.aggregate {
+                    w.push_str(", aggregated");
+                }
+                if let Some(c) = k.compression {
+                    w.push_str(&format!(", {c}"));
+                }
+                w
+            }
+            SinkKind::Firehose(f) => format!("firehose delivery stream {}", f.delivery_stream),
+        };
+        let what = match s.fallback {
+            Some(f) => format!("{what} (falls back to {})", cfg.sinks[f].name),
+            None => what,
         };
         println!("sink {}: {what}", s.name);
     }

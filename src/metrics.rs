@@ -45,6 +45,10 @@ counters!(
         heartbeats,
         /// Times a connection stopped reading because its core's batches were held.
         backpressure_waits,
+        /// Events larger than their sink's record limit, dead-lettered.
+        events_oversize,
+        /// Events whose partition key field was missing or unusable (a random key was used).
+        partition_key_missing,
     }
 );
 
@@ -55,6 +59,21 @@ counters!(
         events,
         bytes,
         write_errors,
+        /// AWS sinks: records accepted by the service.
+        records,
+        requests,
+        /// Records sent again (after a throttle, a failure or no answer).
+        retries,
+        /// Answers that said to slow down.
+        throttles,
+        /// Records the service failed, whatever became of them.
+        failed,
+        dead_lettered,
+        /// Records set down in the route's fallback sink.
+        fallback,
+        /// The AIMD limit of requests in flight (a gauge).
+        concurrency,
+        shard_refreshes,
     }
 );
 
@@ -74,6 +93,8 @@ pub enum Report {
     Sink {
         sink: usize,
         counters: SinkCounters,
+        /// Named values that vary: failures by error code, each shard's rate.
+        detail: Vec<(String, u64)>,
     },
 }
 
@@ -82,8 +103,15 @@ pub enum Report {
 pub struct Totals {
     pub core: CoreCounters,
     pub errors: ErrorCounts,
-    /// By sink name.
-    pub sinks: Vec<(String, SinkCounters)>,
+    pub sinks: Vec<SinkTotal>,
+}
+
+/// One sink's counters, by name, with their detail.
+#[derive(Clone, Debug, Default)]
+pub struct SinkTotal {
+    pub name: String,
+    pub counters: SinkCounters,
+    pub detail: Vec<(String, u64)>,
 }
 
 impl Totals {
@@ -99,8 +127,16 @@ impl Totals {
                 let _ = write!(s, "errors.{}={n} ", DecodeError::NAMES[i]);
             }
         }
-        for (name, c) in &self.sinks {
-            for (k, v) in c.fields() {
+        for SinkTotal {
+            name,
+            counters,
+            detail,
+        } in &self.sinks
+        {
+            for (k, v) in counters.fields() {
+                let _ = write!(s, "sink.{name}.{k}={v} ");
+            }
+            for (k, v) in detail {
                 let _ = write!(s, "sink.{name}.{k}={v} ");
             }
         }
@@ -118,8 +154,9 @@ pub fn collect(
     interval: Duration,
 ) -> Totals {
     let mut per_core = vec![(CoreCounters::default(), [0u64; DecodeError::NAMES.len()]); cores];
-    let mut per_sink = vec![SinkCounters::default(); sink_names.len()];
-    let totals = |per_core: &[(CoreCounters, ErrorCounts)], per_sink: &[SinkCounters]| {
+    let mut per_sink = vec![(SinkCounters::default(), Vec::new()); sink_names.len()];
+    let totals = |per_core: &[(CoreCounters, ErrorCounts)],
+                  per_sink: &[(SinkCounters, Vec<(String, u64)>)]| {
         let mut t = Totals::default();
         for (c, e) in per_core {
             t.core.merge(c);
@@ -129,8 +166,12 @@ pub fn collect(
         }
         t.sinks = sink_names
             .iter()
-            .cloned()
-            .zip(per_sink.iter().copied())
+            .zip(per_sink)
+            .map(|(n, (c, d))| SinkTotal {
+                name: n.clone(),
+                counters: *c,
+                detail: d.clone(),
+            })
             .collect();
         t
     };
@@ -143,7 +184,11 @@ pub fn collect(
                 counters,
                 errors,
             }) => per_core[core] = (counters, errors),
-            Ok(Report::Sink { sink, counters }) => per_sink[sink] = counters,
+            Ok(Report::Sink {
+                sink,
+                counters,
+                detail,
+            }) => per_sink[sink] = (counters, detail),
             Err(RecvTimeoutError::Timeout) => {
                 tracing::info!(target: "sluice::stats", "Stats {}", totals(&per_core, &per_sink).line());
                 next += interval;

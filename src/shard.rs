@@ -7,7 +7,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::ack::{AckLedger, Ticket};
-use crate::batch::shape::{Encoded, Shape};
+use std::sync::Arc;
+
+use crate::batch::records::Framing;
+use crate::batch::shape::{Encoded, Out, Shape, json_field, msgpack_field};
 use crate::batch::{Batch, Batcher};
 use crate::config::Config;
 use crate::conn::Link;
@@ -17,6 +20,7 @@ use crate::decode::{DecodeError, EventTime};
 use crate::metrics::{CoreCounters, ErrorCounts, Report, Reporter};
 use crate::ring::{Consumer, Producer};
 use crate::route::{Pattern, Router};
+use crate::shards::ShardMap;
 
 /// A route as one core runs it.
 struct RouteOut {
@@ -24,10 +28,29 @@ struct RouteOut {
     sinks: Box<[usize]>,
 }
 
-/// The ends of one sink's rings on one core.
-pub struct SinkRings {
+/// One sink as a core sees it: its rings, how its batches are shaped, and, for Kinesis,
+/// the shard maps the emitter learns.
+pub struct CoreSink {
     pub batches: Producer<Batch>,
     pub done: Consumer<Batch>,
+    pub framing: Framing,
+    /// The field partition keys come from, if any.
+    pub key_field: Option<Box<[u8]>>,
+    /// Shard map updates (the current map arrives first).
+    pub shards: Option<crossbeam_channel::Receiver<Arc<ShardMap>>>,
+}
+
+impl CoreSink {
+    /// A sink whose batches are plain streams of events.
+    pub fn stream(batches: Producer<Batch>, done: Consumer<Batch>) -> Self {
+        CoreSink {
+            batches,
+            done,
+            framing: Framing::Stream,
+            key_field: None,
+            shards: None,
+        }
+    }
 }
 
 /// How far [`Shard::ingest_forward`] got.
@@ -55,6 +78,9 @@ pub struct Shard {
     routes: Vec<RouteOut>,
     batchers: Vec<Batcher>,
     done: Vec<Consumer<Batch>>,
+    /// Per sink: the partition key field, and shard map updates.
+    key_fields: Vec<Option<Box<[u8]>>>,
+    shard_feeds: Vec<Option<crossbeam_channel::Receiver<Arc<ShardMap>>>>,
     ledger: AckLedger,
     pub counters: CoreCounters,
     pub errors: ErrorCounts,
@@ -71,7 +97,7 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(core: usize, cfg: &Config, rings: Vec<SinkRings>) -> Self {
+    pub fn new(core: usize, cfg: &Config, rings: Vec<CoreSink>) -> Self {
         let router = Router::new(
             cfg.routes
                 .iter()
@@ -86,17 +112,31 @@ impl Shard {
                 sinks: r.sinks.clone().into_boxed_slice(),
             })
             .collect();
-        let (batchers, done) = rings
-            .into_iter()
-            .zip(&cfg.sinks)
-            .map(|(r, s)| (Batcher::new(core, s.batch, r.batches), r.done))
-            .unzip();
+        let mut batchers = Vec::new();
+        let mut done = Vec::new();
+        let mut key_fields = Vec::new();
+        let mut shard_feeds = Vec::new();
+        for (r, s) in rings.into_iter().zip(&cfg.sinks) {
+            let mut b = Batcher::new(core, s.batch, r.framing, r.batches);
+            // The current shard map is already in the feed.
+            if let Some(feed) = &r.shards {
+                while let Ok(map) = feed.try_recv() {
+                    b.set_shards(map);
+                }
+            }
+            batchers.push(b);
+            done.push(r.done);
+            key_fields.push(r.key_field);
+            shard_feeds.push(r.shards);
+        }
         Shard {
             core,
             router,
             routes,
             batchers,
             done,
+            key_fields,
+            shard_feeds,
             ledger: AckLedger::default(),
             counters: CoreCounters::default(),
             errors: [0; DecodeError::NAMES.len()],
@@ -140,8 +180,12 @@ impl Shard {
             for &s in route.sinks.iter() {
                 let shape = &mut route.shape;
                 let b = &mut self.batchers[s];
-                let w = b.write(ticket, |out| {
-                    shape.encode_msgpack(out, tag, ev.time, ev.record)
+                let key = self.key_fields[s]
+                    .as_deref()
+                    .and_then(|f| msgpack_field(ev.record, f));
+                let w = b.write(ticket, |out| Out {
+                    encoded: shape.encode_msgpack(out, tag, ev.time, ev.record),
+                    key,
                 });
                 if let (true, Some(t)) = (w.new_hold, ticket) {
                     self.ledger.hold(t);
@@ -204,7 +248,13 @@ impl Shard {
         let route = &mut self.routes[r];
         for &s in route.sinks.iter() {
             let shape = &mut route.shape;
-            let w = self.batchers[s].write(None, |out| shape.encode_json(out, tag, time, obj));
+            let key = self.key_fields[s]
+                .as_deref()
+                .and_then(|f| json_field(obj, f));
+            let w = self.batchers[s].write(None, |out| Out {
+                encoded: shape.encode_json(out, tag, time, obj),
+                key,
+            });
             if w.encoded == Encoded::MissingLogKey {
                 self.counters.missing_log_key += 1;
             }
@@ -340,9 +390,14 @@ impl Shard {
         }
     }
 
-    /// Seals batches that have lingered long enough.
+    /// Seals batches that have lingered long enough, and takes in new shard maps.
     pub fn seal_due(&mut self, now: Instant) {
-        for b in &mut self.batchers {
+        for (b, feed) in self.batchers.iter_mut().zip(&self.shard_feeds) {
+            if let Some(feed) = feed {
+                while let Ok(map) = feed.try_recv() {
+                    b.set_shards(map);
+                }
+            }
             b.seal_if_due(now);
         }
     }
@@ -389,9 +444,14 @@ impl Shard {
 
     /// Sends this core's counters to the collector.
     pub fn report(&self, to: &Reporter) {
+        let mut counters = self.counters;
+        for b in &self.batchers {
+            counters.events_oversize += b.counts.oversize;
+            counters.partition_key_missing += b.counts.key_missing;
+        }
         let _ = to.send(Report::Core {
             core: self.core,
-            counters: self.counters,
+            counters,
             errors: self.errors,
         });
     }
@@ -477,7 +537,7 @@ mod tests {
         .unwrap();
         let (batches, batches_rx) = ring(4);
         let (done_tx, done) = ring(10);
-        let shard = Shard::new(0, &cfg, vec![SinkRings { batches, done }]);
+        let shard = Shard::new(0, &cfg, vec![CoreSink::stream(batches, done)]);
         let conn = ForwardConn::new(
             64 << 20,
             64 << 20,

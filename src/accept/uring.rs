@@ -23,14 +23,14 @@ use crate::decode::forward::Scratch;
 use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
 use crate::metrics::Reporter;
-use crate::shard::{Phase, Shard, SinkRings};
+use crate::shard::{CoreSink, Phase, Shard};
 
 /// Everything one core starts from.
 pub struct CoreCtx {
     pub core: usize,
     pub cfg: Arc<Config>,
     pub sockets: CoreSockets,
-    pub rings: Vec<SinkRings>,
+    pub rings: Vec<CoreSink>,
     pub reporter: Reporter,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub ready: crossbeam_channel::Sender<Result<(), String>>,

@@ -1,27 +1,59 @@
 //! Batch stage: per-core, per-sink buffers that events are encoded straight into, sealed
 //! at the sink's size limit or after its linger time, and pushed to the emitter's ring.
 //!
+//! For Kinesis and Firehose a batch is shaped as the request it will become: its records
+//! (one event each, packed lines, or KPL aggregates) with their partition keys, within
+//! the service's record and request limits, counted exactly as the service counts them.
+//! An event that does not fit is encoded again into the next record or batch; one larger
+//! than a record is kept apart, never truncated, for the dead-letter directory.
+//!
 //! When the ring is full the sealed batch is held here, the shard reports itself blocked,
 //! and its connections stop reading until the emitter makes room (DESIGN.md invariant 5).
 //! Settled batches come back through the completion ring and their buffers are reused, so
 //! the steady state allocates nothing.
 
 pub mod json;
+pub mod records;
 pub mod shape;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::ack::Ticket;
 use crate::ring::Producer;
-use shape::Encoded;
+use crate::shards::ShardMap;
+use records::{
+    Compressor, Framing, KPL_MAGIC, KeyMode, MAX_RECORDS, RecordFraming, RecordShape, Rng,
+};
+use shape::{Encoded, Out};
+
+/// One record of a request-shaped batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The record's bytes: `data[start..end]`.
+    pub start: u32,
+    pub end: u32,
+    /// Its partition key: `keys[key_start..key_end]` (empty for Firehose).
+    pub key_start: u32,
+    pub key_end: u32,
+    /// Its explicit hash key, when one was chosen.
+    pub hash: Option<u128>,
+    pub events: u32,
+    /// Larger than a record may be: never sent, dead-lettered.
+    pub oversize: bool,
+}
 
 /// Encoded events on their way to one sink.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// The events, encoded back to back.
+    /// The events, encoded back to back (for request-shaped sinks, the records' bytes).
     pub data: Vec<u8>,
+    /// Request-shaped sinks: the records, in order.
+    pub records: Vec<Record>,
+    /// The records' partition keys, back to back.
+    pub keys: Vec<u8>,
     pub events: u32,
     /// Ack tickets of the chunks with events in this batch.
     pub tickets: Vec<Ticket>,
@@ -33,16 +65,28 @@ impl Batch {
     fn new(core: usize, capacity: usize) -> Self {
         Batch {
             data: Vec::with_capacity(capacity),
-            events: 0,
-            tickets: Vec::new(),
             core,
+            ..Batch::default()
         }
     }
 
     fn clear(&mut self) {
         self.data.clear();
+        self.records.clear();
+        self.keys.clear();
         self.events = 0;
         self.tickets.clear();
+    }
+
+    /// A record's bytes.
+    pub fn data_of(&self, r: &Record) -> &[u8] {
+        &self.data[r.start as usize..r.end as usize]
+    }
+
+    /// A record's partition key (valid UTF-8 by construction).
+    pub fn key_of(&self, r: &Record) -> &str {
+        std::str::from_utf8(&self.keys[r.key_start as usize..r.key_end as usize])
+            .unwrap_or_default()
     }
 }
 
@@ -62,6 +106,12 @@ const SLACK: usize = 64 << 10;
 /// Buffers kept for reuse beyond those in flight.
 const SPARES: usize = 2;
 
+/// Room kept in a compressed record for the codec's worst-case growth.
+const COMPRESSION_MARGIN: usize = 1024;
+
+/// KPL aggregates end with the MD5 of their protobuf.
+const MD5_LEN: usize = 16;
+
 /// The outcome of [`Batcher::write`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Wrote {
@@ -71,12 +121,54 @@ pub struct Wrote {
     pub new_hold: bool,
 }
 
+impl Wrote {
+    fn not(encoded: Encoded) -> Self {
+        Wrote {
+            encoded,
+            new_hold: false,
+        }
+    }
+}
+
+/// Counts a batcher keeps for the shard's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatcherCounts {
+    /// Events larger than a record, set apart for the dead-letter directory.
+    pub oversize: u64,
+    /// Events whose partition key field was missing or unusable (a random key was used).
+    pub key_missing: u64,
+}
+
+/// The open record a batch is filling (packed lines or a KPL aggregate).
+#[derive(Clone, Copy, Debug)]
+struct Open {
+    start: usize,
+    events: u32,
+    key_start: u32,
+    key_end: u32,
+    hash: Option<u128>,
+}
+
 /// Builds one sink's batches on one core.
 pub struct Batcher {
     core: usize,
     limits: BatchLimits,
+    framing: Framing,
     open: Batch,
     opened_at: Option<Instant>,
+    /// Request-shaped sinks: bytes (data plus keys) and records the open batch will send,
+    /// the open record not included.
+    req_bytes: usize,
+    sendable: usize,
+    record: Option<Open>,
+    /// Predicted length of the next event, for KPL length prefixes.
+    last_len: usize,
+    rng: Rng,
+    /// Next shard for explicit hash keys and aggregates.
+    next_shard: usize,
+    shards: Arc<ShardMap>,
+    compressor: Option<Compressor>,
+    pub counts: BatcherCounts,
     /// Sealed, waiting for room in the ring.
     held: VecDeque<Batch>,
     spare: Vec<Batch>,
@@ -86,12 +178,33 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn new(core: usize, limits: BatchLimits, ring: Producer<Batch>) -> Self {
+    pub fn new(core: usize, limits: BatchLimits, framing: Framing, ring: Producer<Batch>) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ ((core as u64 + 1) << 48);
+        let compressor = match framing {
+            Framing::Records(RecordFraming {
+                compression: Some(c),
+                ..
+            }) => Some(Compressor::new(c)),
+            _ => None,
+        };
         Batcher {
             core,
             limits,
+            framing,
             open: Batch::new(core, limits.max_bytes + SLACK),
             opened_at: None,
+            req_bytes: 0,
+            sendable: 0,
+            record: None,
+            last_len: 64,
+            rng: Rng::new(seed),
+            next_shard: core,
+            shards: Arc::new(ShardMap::unknown()),
+            compressor,
+            counts: BatcherCounts::default(),
             held: VecDeque::new(),
             spare: Vec::new(),
             ring,
@@ -99,30 +212,56 @@ impl Batcher {
         }
     }
 
-    /// Encodes one event into the open batch with `encode`, which may be called twice: if
-    /// the event does not fit, the batch is sealed without it and it is encoded again into
-    /// the next one (encoding twice is cheaper than copying, and keeps every event a single
-    /// copy of its source).
+    /// The stream's shards, for explicit hash keys and aggregates.
+    pub fn set_shards(&mut self, shards: Arc<ShardMap>) {
+        self.shards = shards;
+    }
+
+    /// Encodes one event into the open batch with `encode`, which may be called again: if
+    /// the event does not fit, the record or batch is closed without it and it is encoded
+    /// again into the next one (encoding twice is cheaper than copying, and keeps every
+    /// event a single copy of its source).
     #[inline]
-    pub fn write(
+    pub fn write<'k>(
         &mut self,
         ticket: Option<Ticket>,
-        mut encode: impl FnMut(&mut Vec<u8>) -> Encoded,
+        encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
+    ) -> Wrote {
+        match self.framing {
+            Framing::Stream => self.write_stream(ticket, encode),
+            Framing::Records(f) => match f.shape {
+                RecordShape::Single => self.write_single(f, ticket, encode),
+                RecordShape::Lines => self.write_lines(f, ticket, encode),
+                RecordShape::Aggregated => self.write_aggregated(f, ticket, encode),
+            },
+        }
+    }
+
+    fn write_stream<'k>(
+        &mut self,
+        ticket: Option<Ticket>,
+        mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
     ) -> Wrote {
         let mark = self.open.data.len();
-        let encoded = encode(&mut self.open.data);
+        let encoded = encode(&mut self.open.data).encoded;
         if encoded != Encoded::Written {
             self.open.data.truncate(mark);
-            return Wrote {
-                encoded,
-                new_hold: false,
-            };
+            return Wrote::not(encoded);
         }
         if self.open.data.len() > self.limits.max_bytes && mark > 0 {
             self.open.data.truncate(mark);
             self.seal();
             encode(&mut self.open.data);
         }
+        let w = self.took(ticket);
+        if self.open.data.len() >= self.limits.max_bytes {
+            self.seal();
+        }
+        w
+    }
+
+    /// Counts an event into the open batch and attaches its ticket.
+    fn took(&mut self, ticket: Option<Ticket>) -> Wrote {
         if self.open.events == 0 {
             self.opened_at = Some(Instant::now());
         }
@@ -134,14 +273,340 @@ impl Batcher {
             }
             _ => false,
         };
-        if self.open.data.len() >= self.limits.max_bytes {
-            self.seal();
+        Wrote {
+            encoded: Encoded::Written,
+            new_hold,
         }
-        Wrote { encoded, new_hold }
+    }
+
+    /// Writes a partition key (and explicit hash key) for a new record.
+    fn key(&mut self, mode: KeyMode, field: Option<&[u8]>) -> (u32, u32, Option<u128>) {
+        let start = self.open.keys.len() as u32;
+        let mut hash = None;
+        match mode {
+            KeyMode::None => {}
+            KeyMode::Random => self.rng.key(&mut self.open.keys),
+            KeyMode::Explicit => {
+                self.rng.key(&mut self.open.keys);
+                hash = Some(self.spread());
+            }
+            KeyMode::Field => match field {
+                Some(k) if records::valid_key(k) => self.open.keys.extend_from_slice(k),
+                _ => {
+                    self.counts.key_missing += 1;
+                    self.rng.key(&mut self.open.keys);
+                }
+            },
+        }
+        (start, self.open.keys.len() as u32, hash)
+    }
+
+    /// An explicit hash key in the next shard, round robin, at a random point of its range.
+    fn spread(&mut self) -> u128 {
+        let n = self.shards.len().max(1);
+        let i = self.next_shard % n;
+        self.next_shard = (i + 1) % n;
+        let r = self.rng.next_u128();
+        self.shards.hash_in(i, r)
+    }
+
+    /// Adds the record `data[start..end]`.
+    fn push_record(
+        &mut self,
+        start: usize,
+        end: usize,
+        key: (u32, u32, Option<u128>),
+        events: u32,
+        oversize: bool,
+    ) {
+        self.open.records.push(Record {
+            start: start as u32,
+            end: end as u32,
+            key_start: key.0,
+            key_end: key.1,
+            hash: key.2,
+            events,
+            oversize,
+        });
+        if oversize {
+            self.counts.oversize += events as u64;
+        } else {
+            self.sendable += 1;
+            self.req_bytes += end - start + (key.1 - key.0) as usize;
+        }
+    }
+
+    fn full(&self, f: RecordFraming) -> bool {
+        self.sendable >= MAX_RECORDS || self.req_bytes >= f.max_request
+    }
+
+    /// One event per record (Kinesis, or Firehose without line packing).
+    fn write_single<'k>(
+        &mut self,
+        f: RecordFraming,
+        ticket: Option<Ticket>,
+        mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
+    ) -> Wrote {
+        loop {
+            let (mark, kmark) = (self.open.data.len(), self.open.keys.len());
+            let out = encode(&mut self.open.data);
+            if out.encoded != Encoded::Written {
+                self.open.data.truncate(mark);
+                return Wrote::not(out.encoded);
+            }
+            if let Some(c) = &mut self.compressor {
+                c.compress_tail(&mut self.open.data, mark);
+            }
+            let key = self.key(f.keys, out.key);
+            let size = self.open.data.len() - mark + (key.1 - key.0) as usize;
+            if size > f.max_record {
+                self.push_record(mark, self.open.data.len(), key, 1, true);
+                return self.took(ticket);
+            }
+            if self.sendable > 0
+                && (self.sendable + 1 > MAX_RECORDS || self.req_bytes + size > f.max_request)
+            {
+                self.open.data.truncate(mark);
+                self.open.keys.truncate(kmark);
+                self.seal();
+                continue;
+            }
+            self.push_record(mark, self.open.data.len(), key, 1, false);
+            let w = self.took(ticket);
+            if self.full(f) {
+                self.seal();
+            }
+            return w;
+        }
+    }
+
+    /// Newline-terminated events packed into records (Firehose).
+    fn write_lines<'k>(
+        &mut self,
+        f: RecordFraming,
+        ticket: Option<Ticket>,
+        mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
+    ) -> Wrote {
+        loop {
+            let mark = self.open.data.len();
+            let out = encode(&mut self.open.data);
+            if out.encoded != Encoded::Written {
+                self.open.data.truncate(mark);
+                return Wrote::not(out.encoded);
+            }
+            if self.open.data.len() - mark > f.max_record {
+                // Too large for any record: close the open one before it, keep it apart.
+                self.close_record(mark);
+                self.push_record(mark, self.open.data.len(), (0, 0, None), 1, true);
+                return self.took(ticket);
+            }
+            let record_start = self.record.map_or(mark, |r| r.start);
+            let record_len = self.open.data.len() - record_start;
+            if record_len > f.max_record {
+                self.open.data.truncate(mark);
+                self.close_record(mark);
+                continue;
+            }
+            if self.sendable + 1 > MAX_RECORDS || self.req_bytes + record_len > f.max_request {
+                self.open.data.truncate(mark);
+                self.close_record(mark);
+                self.seal();
+                continue;
+            }
+            let open = self.record.get_or_insert(Open {
+                start: mark,
+                events: 0,
+                key_start: 0,
+                key_end: 0,
+                hash: None,
+            });
+            open.events += 1;
+            return self.took(ticket);
+        }
+    }
+
+    /// Closes the open packed record, which ends at `end`.
+    fn close_record(&mut self, end: usize) {
+        if let Some(r) = self.record.take() {
+            self.push_record(
+                r.start,
+                end,
+                (r.key_start, r.key_end, r.hash),
+                r.events,
+                false,
+            );
+        }
+    }
+
+    /// KPL aggregated records, each pinned to one shard by its explicit hash key (Kinesis).
+    /// An aggregate is the magic, then the protobuf `AggregatedRecord` with a one-entry
+    /// partition key table and explicit hash key table that every inner record points to,
+    /// then the MD5 of the protobuf.
+    fn write_aggregated<'k>(
+        &mut self,
+        f: RecordFraming,
+        ticket: Option<Ticket>,
+        mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
+    ) -> Wrote {
+        let limit = f.max_record
+            - if f.compression.is_some() {
+                COMPRESSION_MARGIN
+            } else {
+                0
+            };
+        loop {
+            if self.record.is_none() {
+                if self.sendable + 1 > MAX_RECORDS {
+                    self.seal();
+                }
+                self.open_aggregate();
+            }
+            let agg = self.record.expect("opened above");
+            let at = self.open.data.len();
+            let Some(len) = self.encode_inner(&mut encode) else {
+                self.open.data.truncate(at);
+                // Only text routes without their field write nothing.
+                return Wrote::not(Encoded::MissingLogKey);
+            };
+            let key_len = (agg.key_end - agg.key_start) as usize;
+            let size = self.open.data.len() - agg.start + MD5_LEN + key_len;
+            if size > limit {
+                if agg.events == 0 {
+                    // Alone it does not fit an aggregate: keep the event itself apart.
+                    let (body, end) = (self.open.data.len() - len, self.open.data.len());
+                    self.record = None;
+                    self.push_record(body, end, (0, 0, None), 1, true);
+                    return self.took(ticket);
+                }
+                self.open.data.truncate(at);
+                self.close_aggregate();
+                continue;
+            }
+            if self.req_bytes + size > f.max_request {
+                self.open.data.truncate(at);
+                if agg.events == 0 {
+                    self.open.data.truncate(agg.start);
+                    self.open.keys.truncate(agg.key_start as usize);
+                    self.record = None;
+                } else {
+                    self.close_aggregate();
+                }
+                self.seal();
+                continue;
+            }
+            self.last_len = len;
+            if let Some(r) = &mut self.record {
+                r.events += 1;
+            }
+            return self.took(ticket);
+        }
+    }
+
+    /// Starts an aggregate: magic, the key tables, and its key and shard.
+    fn open_aggregate(&mut self) {
+        let start = self.open.data.len();
+        let key_start = self.open.keys.len() as u32;
+        self.rng.key(&mut self.open.keys);
+        let key_end = self.open.keys.len() as u32;
+        let hash = self.spread();
+        let d = &mut self.open.data;
+        d.extend_from_slice(&KPL_MAGIC);
+        // field 1, partition_key_table: the aggregate's key
+        d.push(0x0a);
+        records::push_varint(d, (key_end - key_start) as usize);
+        d.extend_from_slice(&self.open.keys[key_start as usize..key_end as usize]);
+        // field 2, explicit_hash_key_table: the decimal hash key
+        let ehk = itoa::Buffer::new().format(hash).as_bytes().to_vec();
+        d.push(0x12);
+        records::push_varint(d, ehk.len());
+        d.extend_from_slice(&ehk);
+        self.record = Some(Open {
+            start,
+            events: 0,
+            key_start,
+            key_end,
+            hash: Some(hash),
+        });
+    }
+
+    /// Encodes one inner record, `records` (field 3): `Record { partition_key_index: 0,
+    /// explicit_hash_key_index: 0, data }`. The two length prefixes are sized from the last
+    /// event's length, so the bytes move only when that guess is off. Returns the data
+    /// length, or `None` if nothing was encoded.
+    fn encode_inner<'k>(
+        &mut self,
+        encode: &mut impl FnMut(&mut Vec<u8>) -> Out<'k>,
+    ) -> Option<usize> {
+        use records::{put_varint, varint_len};
+        let guess = self.last_len;
+        let (vd, vr) = (varint_len(guess), varint_len(5 + varint_len(guess) + guess));
+        let d = &mut self.open.data;
+        let at = d.len();
+        d.push(0x1a);
+        d.resize(d.len() + vr, 0);
+        d.extend_from_slice(&[0x08, 0x00, 0x10, 0x00, 0x1a]);
+        d.resize(d.len() + vd, 0);
+        let body = d.len();
+        if encode(d).encoded != Encoded::Written {
+            return None;
+        }
+        let len = d.len() - body;
+        let vd2 = varint_len(len);
+        let rec_len = 5 + vd2 + len;
+        let vr2 = varint_len(rec_len);
+        if (vd2, vr2) != (vd, vr) {
+            let new_body = at + 1 + vr2 + 5 + vd2;
+            if new_body > body {
+                d.resize(new_body + len, 0);
+            }
+            d.copy_within(body..body + len, new_body);
+            d.truncate(new_body + len);
+            d[at + 1 + vr2..at + 1 + vr2 + 5].copy_from_slice(&[0x08, 0x00, 0x10, 0x00, 0x1a]);
+        }
+        put_varint(&mut d[at + 1..at + 1 + vr2], rec_len);
+        put_varint(&mut d[at + 1 + vr2 + 5..at + 1 + vr2 + 5 + vd2], len);
+        Some(len)
+    }
+
+    /// Ends the open aggregate: the MD5 of its protobuf, then compression if configured.
+    fn close_aggregate(&mut self) {
+        use md5::{Digest, Md5};
+        let Some(agg) = self.record.take() else {
+            return;
+        };
+        if agg.events == 0 {
+            self.open.data.truncate(agg.start);
+            self.open.keys.truncate(agg.key_start as usize);
+            return;
+        }
+        let digest = Md5::digest(&self.open.data[agg.start + KPL_MAGIC.len()..]);
+        self.open.data.extend_from_slice(&digest);
+        if let Some(c) = &mut self.compressor {
+            c.compress_tail(&mut self.open.data, agg.start);
+        }
+        let end = self.open.data.len();
+        self.push_record(
+            agg.start,
+            end,
+            (agg.key_start, agg.key_end, agg.hash),
+            agg.events,
+            false,
+        );
     }
 
     /// Seals the open batch, if it holds anything, and tries to push it.
     pub fn seal(&mut self) {
+        match self.framing {
+            Framing::Records(RecordFraming {
+                shape: RecordShape::Aggregated,
+                ..
+            }) => self.close_aggregate(),
+            Framing::Records(RecordFraming {
+                shape: RecordShape::Lines,
+                ..
+            }) => self.close_record(self.open.data.len()),
+            _ => {}
+        }
         if self.open.events == 0 {
             return;
         }
@@ -151,6 +616,8 @@ impl Batcher {
             .unwrap_or_else(|| Batch::new(self.core, self.limits.max_bytes + SLACK));
         let sealed = std::mem::replace(&mut self.open, fresh);
         self.opened_at = None;
+        self.req_bytes = 0;
+        self.sendable = 0;
         self.held.push_back(sealed);
         self.push_held();
     }
@@ -236,7 +703,7 @@ mod tests {
     fn put(b: &mut Batcher, bytes: &[u8], ticket: Option<Ticket>) -> Wrote {
         b.write(ticket, |out| {
             out.extend_from_slice(bytes);
-            Encoded::Written
+            Encoded::Written.into()
         })
     }
 
@@ -247,7 +714,7 @@ mod tests {
             max_bytes: 10,
             linger: Duration::from_secs(60),
         };
-        let mut b = Batcher::new(0, limits, p);
+        let mut b = Batcher::new(0, limits, Framing::Stream, p);
         put(&mut b, b"aaaa\n", None);
         put(&mut b, b"bbbb\n", None); // exactly 10: sealed
         put(&mut b, b"cccc\n", None);
@@ -268,7 +735,7 @@ mod tests {
             max_bytes: 4,
             linger: Duration::from_secs(60),
         };
-        let mut b = Batcher::new(0, limits, p);
+        let mut b = Batcher::new(0, limits, Framing::Stream, p);
         put(&mut b, b"1234", Some(7));
         assert!(!b.blocked());
         let w = put(&mut b, b"5678", Some(7));
@@ -292,9 +759,325 @@ mod tests {
             max_bytes: 1 << 20,
             linger: Duration::from_millis(0),
         };
-        let mut b = Batcher::new(0, limits, p);
+        let mut b = Batcher::new(0, limits, Framing::Stream, p);
         put(&mut b, b"x\n", None);
         b.seal_if_due(Instant::now());
         assert_eq!(c.try_pop().unwrap().events, 1);
+    }
+
+    fn records(f: RecordFraming) -> (Batcher, crate::ring::Consumer<Batch>) {
+        let (p, c) = ring(64);
+        let limits = BatchLimits {
+            max_bytes: f.max_request,
+            linger: Duration::from_secs(60),
+        };
+        (Batcher::new(1, limits, Framing::Records(f), p), c)
+    }
+
+    const KINESIS: RecordFraming = RecordFraming {
+        max_record: 1 << 20,
+        max_request: 5 << 20,
+        keys: KeyMode::Random,
+        shape: RecordShape::Single,
+        compression: None,
+    };
+
+    fn event(b: &mut Batcher, bytes: &[u8], key: Option<&[u8]>) -> Wrote {
+        b.write(None, |out| {
+            out.extend_from_slice(bytes);
+            Out {
+                encoded: Encoded::Written,
+                key,
+            }
+        })
+    }
+
+    fn drain(c: &crate::ring::Consumer<Batch>) -> Vec<Batch> {
+        std::iter::from_fn(|| c.try_pop()).collect()
+    }
+
+    #[test]
+    fn kinesis_requests_hold_at_most_500_records() {
+        let (mut b, c) = records(KINESIS);
+        for i in 0..1200 {
+            event(&mut b, format!("{{\"n\":{i}}}\n").as_bytes(), None);
+        }
+        b.seal();
+        let batches = drain(&c);
+        let sizes: Vec<usize> = batches.iter().map(|b| b.records.len()).collect();
+        assert_eq!(sizes, [500, 500, 200]);
+        let mut n = 0;
+        for batch in &batches {
+            for r in &batch.records {
+                assert_eq!(batch.data_of(r), format!("{{\"n\":{n}}}\n").as_bytes());
+                assert_eq!(batch.key_of(r).len(), 32);
+                n += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn kinesis_requests_count_data_and_keys_against_the_request_limit() {
+        let f = RecordFraming {
+            max_request: 10_000,
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        let ev = vec![b'x'; 1000];
+        for _ in 0..20 {
+            event(&mut b, &ev, None);
+        }
+        b.seal();
+        for batch in drain(&c) {
+            let size: usize = batch
+                .records
+                .iter()
+                .map(|r| (r.end - r.start + r.key_end - r.key_start) as usize)
+                .sum();
+            assert!(size <= 10_000, "{size}");
+            // 9 records of 1,032 bytes fit, a tenth would not.
+            assert!(
+                batch.records.len() == 9 || batch.records.len() == 2,
+                "{}",
+                batch.records.len()
+            );
+        }
+    }
+
+    #[test]
+    fn an_event_larger_than_a_record_is_kept_apart_whole() {
+        let f = RecordFraming {
+            max_record: 100,
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        event(&mut b, b"small", None);
+        event(&mut b, &[b'y'; 300], None);
+        event(&mut b, b"small again", None);
+        b.seal();
+        let batch = drain(&c).pop().unwrap();
+        assert_eq!(batch.records.len(), 3);
+        let big = batch.records[1];
+        assert!(big.oversize);
+        assert_eq!(batch.data_of(&big), [b'y'; 300]);
+        assert_eq!(b.counts.oversize, 1);
+        assert_eq!(batch.events, 3);
+    }
+
+    #[test]
+    fn keys_from_a_field_or_random_when_missing() {
+        let f = RecordFraming {
+            keys: KeyMode::Field,
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        event(&mut b, b"a", Some(b"container-1"));
+        event(&mut b, b"b", None);
+        event(&mut b, b"c", Some(b""));
+        b.seal();
+        let batch = drain(&c).pop().unwrap();
+        assert_eq!(batch.key_of(&batch.records[0]), "container-1");
+        assert_eq!(batch.key_of(&batch.records[1]).len(), 32);
+        assert_eq!(batch.key_of(&batch.records[2]).len(), 32);
+        assert_eq!(b.counts.key_missing, 2);
+    }
+
+    fn four_shards() -> Arc<ShardMap> {
+        let step = u128::MAX / 4;
+        Arc::new(ShardMap::new(
+            (0..4)
+                .map(|i| crate::shards::Shard {
+                    id: format!("shardId-{i:012}"),
+                    start: i * step,
+                    end: if i == 3 {
+                        u128::MAX
+                    } else {
+                        (i + 1) * step - 1
+                    },
+                })
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn explicit_hash_keys_spread_records_evenly_over_the_shards() {
+        let f = RecordFraming {
+            keys: KeyMode::Explicit,
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        let map = four_shards();
+        b.set_shards(map.clone());
+        for _ in 0..400 {
+            event(&mut b, b"e", None);
+        }
+        b.seal();
+        let mut per = [0; 4];
+        for batch in drain(&c) {
+            for r in &batch.records {
+                per[map.shard_of(r.hash.unwrap())] += 1;
+            }
+        }
+        assert_eq!(per, [100; 4]);
+    }
+
+    #[test]
+    fn firehose_packs_lines_up_to_the_record_limit() {
+        let f = RecordFraming {
+            max_record: 100,
+            max_request: 4 << 20,
+            keys: KeyMode::None,
+            shape: RecordShape::Lines,
+            compression: None,
+        };
+        let (mut b, c) = records(f);
+        for i in 0..10 {
+            event(&mut b, format!("{{\"line\":{i:012}}}\n").as_bytes(), None);
+        }
+        b.seal();
+        let batch = drain(&c).pop().unwrap();
+        let per: Vec<u32> = batch.records.iter().map(|r| r.events).collect();
+        // 22-byte lines: four per 100-byte record.
+        assert_eq!(per, [4, 4, 2]);
+        let all: Vec<u8> = batch
+            .records
+            .iter()
+            .flat_map(|r| batch.data_of(r).to_vec())
+            .collect();
+        let want: Vec<u8> = (0..10)
+            .flat_map(|i| format!("{{\"line\":{i:012}}}\n").into_bytes())
+            .collect();
+        assert_eq!(all, want);
+        assert!(
+            batch
+                .records
+                .iter()
+                .all(|r| r.end - r.start <= 100 && batch.key_of(r).is_empty())
+        );
+    }
+
+    /// A minimal protobuf reader for the test: (field, wire type, value) triples.
+    fn fields(mut b: &[u8]) -> Vec<(u64, u8, Vec<u8>)> {
+        fn varint(b: &mut &[u8]) -> u64 {
+            let mut v = 0u64;
+            for shift in (0..).step_by(7) {
+                let x = b[0];
+                *b = &b[1..];
+                v |= ((x & 0x7f) as u64) << shift;
+                if x & 0x80 == 0 {
+                    break;
+                }
+            }
+            v
+        }
+        let mut out = vec![];
+        while !b.is_empty() {
+            let tag = varint(&mut b);
+            let (field, wire) = (tag >> 3, (tag & 7) as u8);
+            let value = match wire {
+                0 => varint(&mut b).to_le_bytes().to_vec(),
+                2 => {
+                    let n = varint(&mut b) as usize;
+                    let v = b[..n].to_vec();
+                    b = &b[n..];
+                    v
+                }
+                w => panic!("wire type {w}"),
+            };
+            out.push((field, wire, value));
+        }
+        out
+    }
+
+    /// Checks a KPL aggregate and returns its inner records' data.
+    fn deaggregate(agg: &[u8], hash: u128) -> Vec<Vec<u8>> {
+        use md5::{Digest, Md5};
+        assert_eq!(agg[..4], KPL_MAGIC);
+        let (proto, md5) = agg[4..].split_at(agg.len() - 4 - 16);
+        assert_eq!(Md5::digest(proto).as_slice(), md5);
+        let mut data = vec![];
+        for (field, wire, value) in fields(proto) {
+            match field {
+                1 => assert_eq!(value.len(), 32, "partition key table"),
+                2 => assert_eq!(std::str::from_utf8(&value).unwrap(), hash.to_string()),
+                3 => {
+                    assert_eq!(wire, 2);
+                    let inner = fields(&value);
+                    assert_eq!(inner[0].0, 1, "partition_key_index");
+                    assert_eq!(inner[1].0, 2, "explicit_hash_key_index");
+                    assert_eq!(inner[2].0, 3);
+                    data.push(inner[2].2.clone());
+                }
+                f => panic!("field {f}"),
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn kpl_aggregates_hold_every_event_and_each_goes_to_one_shard() {
+        let f = RecordFraming {
+            max_record: 4096,
+            shape: RecordShape::Aggregated,
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        let map = four_shards();
+        b.set_shards(map.clone());
+        // Sizes around the varint boundaries (127/128, 16383/16384 are beyond a record).
+        let events: Vec<Vec<u8>> = (0..300)
+            .map(|i| vec![b'a' + (i % 26) as u8; [5, 126, 127, 128, 129, 300, 1000][i % 7]])
+            .collect();
+        for e in &events {
+            event(&mut b, e, None);
+        }
+        b.seal();
+        let mut got = vec![];
+        let mut per = [0; 4];
+        for batch in drain(&c) {
+            for r in &batch.records {
+                assert!(!r.oversize);
+                assert!((r.end - r.start + r.key_end - r.key_start) as usize <= 4096);
+                let h = r.hash.unwrap();
+                per[map.shard_of(h)] += 1;
+                let inner = deaggregate(batch.data_of(r), h);
+                assert_eq!(inner.len(), r.events as usize);
+                got.extend(inner);
+            }
+        }
+        assert_eq!(got, events);
+        assert!(
+            per.iter().all(|&n| n > 0),
+            "aggregates spread over the shards: {per:?}"
+        );
+    }
+
+    #[test]
+    fn compressed_aggregates_inflate_to_the_same_aggregate() {
+        use std::io::Read;
+        let f = RecordFraming {
+            max_record: 1 << 20,
+            shape: RecordShape::Aggregated,
+            compression: Some(crate::decode::Codec::Zstd),
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        let events: Vec<Vec<u8>> = (0..1000)
+            .map(|i| format!("{{\"log\":\"line {i}\"}}\n").into_bytes())
+            .collect();
+        for e in &events {
+            event(&mut b, e, None);
+        }
+        b.seal();
+        let batch = drain(&c).pop().unwrap();
+        assert_eq!(batch.records.len(), 1);
+        let r = batch.records[0];
+        let mut agg = vec![];
+        zstd::stream::read::Decoder::new(batch.data_of(&r))
+            .unwrap()
+            .read_to_end(&mut agg)
+            .unwrap();
+        assert!(agg.len() > 3 * (r.end - r.start) as usize, "compressed");
+        assert_eq!(deaggregate(&agg, r.hash.unwrap()), events);
     }
 }

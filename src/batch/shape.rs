@@ -67,6 +67,48 @@ impl Default for ShapeConfig {
     }
 }
 
+/// What an encoder gives a batcher: what became of the event, and its partition key field,
+/// if the sink takes keys from a field and the record has it as a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Out<'a> {
+    pub encoded: Encoded,
+    pub key: Option<&'a [u8]>,
+}
+
+impl From<Encoded> for Out<'_> {
+    fn from(encoded: Encoded) -> Self {
+        Out { encoded, key: None }
+    }
+}
+
+/// The string value of a top-level field of a msgpack record.
+pub fn msgpack_field<'a>(record: &'a [u8], field: &[u8]) -> Option<&'a [u8]> {
+    let mut r = Reader::new(record);
+    let Ok(Head::Map(n)) = r.head() else {
+        return None;
+    };
+    for _ in 0..n {
+        let is_field = match r.str() {
+            Some(k) => k == field,
+            None => {
+                r.skip().ok()?;
+                false
+            }
+        };
+        if is_field {
+            return r.str();
+        }
+        r.skip().ok()?;
+    }
+    None
+}
+
+/// The string value of a top-level field of a parsed JSON object.
+pub fn json_field<'a>(obj: Object<'_, 'a>, field: &[u8]) -> Option<&'a [u8]> {
+    let field = std::str::from_utf8(field).ok()?;
+    crate::decode::jsonl::field_str(obj, field).map(str::as_bytes)
+}
+
 /// What became of one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoded {

@@ -55,6 +55,7 @@ struct EngineFile {
     input_grace: Option<Dur>,
     drain_timeout: Option<Dur>,
     ring_capacity: Option<usize>,
+    dead_letter_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +106,47 @@ struct NullFile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct KinesisFile {
+    stream: String,
+    region: Option<String>,
+    endpoint: Option<String>,
+    role_arn: Option<String>,
+    partition_key: Option<String>,
+    partition_key_field: Option<String>,
+    aggregate: Option<bool>,
+    compression: Option<String>,
+    max_record_bytes: Option<Size>,
+    max_request_bytes: Option<Size>,
+    linger: Option<Dur>,
+    max_concurrency: Option<usize>,
+    shard_refresh: Option<Dur>,
+    shard_headroom: Option<f64>,
+    request_timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FirehoseFile {
+    delivery_stream: String,
+    region: Option<String>,
+    endpoint: Option<String>,
+    role_arn: Option<String>,
+    line_packing: Option<Packing>,
+    linger: Option<Dur>,
+    max_concurrency: Option<usize>,
+    request_timeout: Option<Dur>,
+}
+
+/// `line_packing = "auto"`, `true` or `false`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Packing {
+    On(bool),
+    Word(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RouteFile {
     #[serde(rename = "match")]
     patterns: Patterns,
@@ -118,6 +160,7 @@ struct RouteFile {
     remove_keys: Vec<String>,
     #[serde(default)]
     add_fields: BTreeMap<String, toml::Value>,
+    fallback: Option<String>,
 }
 
 /// `"a.* b.**"` or `["a.*", "b.**"]`.
@@ -211,6 +254,8 @@ pub struct Engine {
     pub drain_timeout: Duration,
     /// Batches each core may have queued for each sink.
     pub ring_capacity: usize,
+    /// Where records a service refuses for good are written, one file per batch.
+    pub dead_letter_dir: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -243,6 +288,9 @@ pub struct Sink {
     pub name: String,
     pub kind: SinkKind,
     pub batch: BatchLimits,
+    /// Index of the sink that takes records this one's service refuses for good, instead
+    /// of the dead-letter directory (set by a route's `fallback`).
+    pub fallback: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -254,6 +302,68 @@ pub enum SinkKind {
         rotate_age: Option<Duration>,
     },
     Null,
+    Kinesis(KinesisSink),
+    Firehose(FirehoseSink),
+}
+
+/// What every AWS sink has.
+#[derive(Clone, Debug)]
+pub struct Aws {
+    /// `None`: from the environment (`AWS_REGION`, the profile, IMDS).
+    pub region: Option<String>,
+    /// Overrides the service endpoint (an emulator, a VPC endpoint).
+    pub endpoint: Option<String>,
+    /// A role to assume with the credentials of the standard chain.
+    pub role_arn: Option<String>,
+    /// Ceiling of the requests in flight (the AIMD limit moves below it).
+    pub max_concurrency: usize,
+    pub request_timeout: Duration,
+}
+
+/// How Kinesis records get their partition key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PartitionKey {
+    /// A random key per record (per aggregate when aggregating).
+    Random,
+    /// Explicit hash keys that spread records evenly over the shards' hash ranges.
+    Explicit,
+    /// The value of a record field (a random key when the field is missing).
+    Field(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct KinesisSink {
+    /// A stream name or ARN.
+    pub stream: String,
+    pub aws: Aws,
+    pub key: PartitionKey,
+    /// KPL aggregation.
+    pub aggregate: bool,
+    /// Compression of each record (or each aggregated record).
+    pub compression: Option<crate::decode::Codec>,
+    /// The stream's maximum record size, data plus partition key.
+    pub max_record: usize,
+    /// Maximum PutRecords request size, data plus partition keys.
+    pub max_request: usize,
+    pub shard_refresh: Duration,
+    /// Fraction of a shard's 1,000 records/s and 1 MiB/s to aim for.
+    pub shard_headroom: f64,
+}
+
+/// Whether Firehose records pack many newline-terminated events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinePacking {
+    /// Pack when every destination of the delivery stream is S3.
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct FirehoseSink {
+    pub delivery_stream: String,
+    pub aws: Aws,
+    pub packing: LinePacking,
 }
 
 #[derive(Clone, Debug)]
@@ -282,6 +392,203 @@ impl Config {
     pub fn default_config() -> Config {
         Config::parse(DEFAULT_CONFIG).expect("the embedded default config is valid")
     }
+}
+
+const SINK_TYPES: &str = "\"stdout\", \"file\", \"null\", \"kinesis\" and \"firehose\"";
+
+/// The service limits, with where they are specified.
+mod service {
+    /// PutRecords: 500 records and 5 MiB (data plus keys) per request; 1 MiB per record
+    /// by default, up to 10 MiB on streams that raise it.
+    /// <https://docs.aws.amazon.com/kinesis/latest/APIReference/API_PutRecords.html>
+    pub const KINESIS_MAX_RECORD: u64 = 1 << 20;
+    pub const KINESIS_MAX_RECORD_CEILING: u64 = 10 << 20;
+    pub const KINESIS_MAX_REQUEST: u64 = 5 << 20;
+    /// PutRecordBatch: 500 records, 4 MiB per request, 1,000 KiB per record.
+    /// <https://docs.aws.amazon.com/firehose/latest/APIReference/API_PutRecordBatch.html>
+    pub const FIREHOSE_MAX_RECORD: usize = 1000 << 10;
+    pub const FIREHOSE_MAX_REQUEST: usize = 4 << 20;
+}
+pub use service::*;
+
+fn aws(
+    key: &str,
+    region: Option<String>,
+    endpoint: Option<String>,
+    role_arn: Option<String>,
+    max_concurrency: Option<usize>,
+    request_timeout: Option<Dur>,
+) -> Result<Aws, ConfigError> {
+    if let Some(e) = &endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(err(
+                format!("{key}.endpoint"),
+                format!("{e:?} is not an http:// or https:// URL"),
+            ));
+        }
+    }
+    if let Some(r) = &role_arn {
+        if !r.starts_with("arn:") {
+            return Err(err(
+                format!("{key}.role_arn"),
+                format!("{r:?} is not an ARN"),
+            ));
+        }
+    }
+    let max_concurrency = max_concurrency.unwrap_or(64);
+    if max_concurrency == 0 || max_concurrency > 1024 {
+        return Err(err(
+            format!("{key}.max_concurrency"),
+            format!("{max_concurrency} is out of range (1 to 1024)"),
+        ));
+    }
+    Ok(Aws {
+        region,
+        endpoint,
+        role_arn,
+        max_concurrency,
+        request_timeout: request_timeout.map_or(Duration::from_secs(30), |d| d.0),
+    })
+}
+
+/// AWS sinks batch for a second by default, as Vector and Fluent Bit do.
+const AWS_LINGER: Duration = Duration::from_secs(1);
+
+fn kinesis(key: &str, f: KinesisFile) -> Result<(SinkKind, BatchLimits), ConfigError> {
+    if f.stream.is_empty() {
+        return Err(err(format!("{key}.stream"), "is empty"));
+    }
+    let keymode = match (f.partition_key.as_deref(), f.partition_key_field) {
+        (None | Some("random"), None) => PartitionKey::Random,
+        (Some("explicit"), None) => PartitionKey::Explicit,
+        (Some("field") | None, Some(field)) if !field.is_empty() => PartitionKey::Field(field),
+        (Some("field"), _) => {
+            return Err(err(
+                format!("{key}.partition_key_field"),
+                "partition_key = \"field\" needs the field to use",
+            ));
+        }
+        (Some("random" | "explicit"), Some(_)) => {
+            return Err(err(
+                format!("{key}.partition_key_field"),
+                "only applies to partition_key = \"field\"",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(err(
+                format!("{key}.partition_key"),
+                format!(
+                    "unknown partition key {other:?}; the choices are \"random\", \"explicit\" and \"field\""
+                ),
+            ));
+        }
+        (None, Some(_)) => return Err(err(format!("{key}.partition_key_field"), "is empty")),
+    };
+    let aggregate = f.aggregate.unwrap_or(false);
+    if aggregate && matches!(keymode, PartitionKey::Field(_)) {
+        return Err(err(
+            format!("{key}.aggregate"),
+            "aggregation sends each aggregated record to one shard, so it needs partition_key = \"random\" or \"explicit\"",
+        ));
+    }
+    let compression = match f.compression.as_deref() {
+        None | Some("none") => None,
+        Some("gzip") => Some(crate::decode::Codec::Gzip),
+        Some("zstd") => Some(crate::decode::Codec::Zstd),
+        Some(other) => {
+            return Err(err(
+                format!("{key}.compression"),
+                format!(
+                    "unknown compression {other:?}; the choices are \"none\", \"gzip\" and \"zstd\""
+                ),
+            ));
+        }
+    };
+    let max_record = bounded(
+        &format!("{key}.max_record_bytes"),
+        f.max_record_bytes,
+        KINESIS_MAX_RECORD,
+        1024,
+        KINESIS_MAX_RECORD_CEILING,
+    )?;
+    let max_request = bounded(
+        &format!("{key}.max_request_bytes"),
+        f.max_request_bytes,
+        KINESIS_MAX_REQUEST,
+        1024,
+        64 << 20,
+    )?;
+    if max_record > max_request {
+        return Err(err(
+            format!("{key}.max_record_bytes"),
+            "is larger than max_request_bytes",
+        ));
+    }
+    let headroom = f.shard_headroom.unwrap_or(0.9);
+    if !(headroom > 0.0 && headroom <= 1.0) {
+        return Err(err(
+            format!("{key}.shard_headroom"),
+            format!("{headroom} is not in (0, 1]"),
+        ));
+    }
+    let sink = KinesisSink {
+        stream: f.stream,
+        aws: aws(
+            key,
+            f.region,
+            f.endpoint,
+            f.role_arn,
+            f.max_concurrency,
+            f.request_timeout,
+        )?,
+        key: keymode,
+        aggregate,
+        compression,
+        max_record,
+        max_request,
+        shard_refresh: f.shard_refresh.map_or(Duration::from_secs(60), |d| d.0),
+        shard_headroom: headroom,
+    };
+    let limits = BatchLimits {
+        max_bytes: max_request,
+        linger: f.linger.map_or(AWS_LINGER, |d| d.0),
+    };
+    Ok((SinkKind::Kinesis(sink), limits))
+}
+
+fn firehose(key: &str, f: FirehoseFile) -> Result<(SinkKind, BatchLimits), ConfigError> {
+    if f.delivery_stream.is_empty() {
+        return Err(err(format!("{key}.delivery_stream"), "is empty"));
+    }
+    let packing = match f.line_packing {
+        None => LinePacking::Auto,
+        Some(Packing::On(true)) => LinePacking::On,
+        Some(Packing::On(false)) => LinePacking::Off,
+        Some(Packing::Word(w)) if w == "auto" => LinePacking::Auto,
+        Some(Packing::Word(w)) => {
+            return Err(err(
+                format!("{key}.line_packing"),
+                format!("{w:?} is not \"auto\", true or false"),
+            ));
+        }
+    };
+    let sink = FirehoseSink {
+        delivery_stream: f.delivery_stream,
+        aws: aws(
+            key,
+            f.region,
+            f.endpoint,
+            f.role_arn,
+            f.max_concurrency,
+            f.request_timeout,
+        )?,
+        packing,
+    };
+    let limits = BatchLimits {
+        max_bytes: FIREHOSE_MAX_REQUEST,
+        linger: f.linger.map_or(AWS_LINGER, |d| d.0),
+    };
+    Ok((SinkKind::Firehose(sink), limits))
 }
 
 /// Deserializes one table of the file, naming it in errors.
@@ -347,6 +654,9 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             format!("{ring_capacity} is out of range (1 to 1024)"),
         ));
     }
+    let dead_letter_dir = e
+        .dead_letter_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/sluice/dead-letter"));
     let stats_interval = e.stats_interval.map_or(Duration::from_secs(60), |d| d.0);
     if stats_interval.is_zero() {
         return Err(err("engine.stats_interval", "must be more than zero"));
@@ -357,6 +667,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         input_grace: e.input_grace.map_or(Duration::from_secs(2), |d| d.0),
         drain_timeout: e.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
         ring_capacity,
+        dead_letter_dir,
     };
 
     let mut inputs = Vec::new();
@@ -490,24 +801,27 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 let f: NullFile = typed(&key, table)?;
                 (SinkKind::Null, limits(f.batch_bytes, f.linger)?)
             }
-            "kinesis" | "firehose" => {
-                return Err(err(
-                    format!("{key}.type"),
-                    format!(
-                        "{kind:?} sinks are not available in this version yet; the sink types are \"stdout\", \"file\" and \"null\""
-                    ),
-                ));
+            "kinesis" => {
+                let f: KinesisFile = typed(&key, table)?;
+                kinesis(&key, f)?
+            }
+            "firehose" => {
+                let f: FirehoseFile = typed(&key, table)?;
+                firehose(&key, f)?
             }
             other => {
                 return Err(err(
                     format!("{key}.type"),
-                    format!(
-                        "unknown sink type {other:?}; the sink types are \"stdout\", \"file\" and \"null\""
-                    ),
+                    format!("unknown sink type {other:?}; the sink types are {SINK_TYPES}"),
                 ));
             }
         };
-        sinks.push(Sink { name, kind, batch });
+        sinks.push(Sink {
+            name,
+            kind,
+            batch,
+            fallback: None,
+        });
     }
 
     let mut routes = Vec::new();
@@ -614,6 +928,45 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 }
             };
             add_fields.push((k, lit));
+        }
+        if let Some(fb) = &f.fallback {
+            let Some(target) = sinks.iter().position(|s| &s.name == fb) else {
+                return Err(err(
+                    format!("{key}.fallback"),
+                    format!("no sink is named {fb:?}"),
+                ));
+            };
+            if !matches!(
+                sinks[target].kind,
+                SinkKind::Stdout | SinkKind::File { .. } | SinkKind::Null
+            ) {
+                return Err(err(
+                    format!("{key}.fallback"),
+                    format!(
+                        "{fb:?} is not a stdout, file or null sink; a fallback must not fail in turn"
+                    ),
+                ));
+            }
+            for &i in &idx {
+                if i == target {
+                    return Err(err(
+                        format!("{key}.fallback"),
+                        format!("{fb:?} is also one of the route's sinks"),
+                    ));
+                }
+                match sinks[i].fallback {
+                    Some(other) if other != target => {
+                        return Err(err(
+                            format!("{key}.fallback"),
+                            format!(
+                                "sink {:?} already falls back to {:?} on another route; a sink has one fallback",
+                                sinks[i].name, sinks[other].name
+                            ),
+                        ));
+                    }
+                    _ => sinks[i].fallback = Some(target),
+                }
+            }
         }
         routes.push(Route {
             patterns,

@@ -1,21 +1,45 @@
 //! Emit stage: the sink tasks. A tokio runtime beside the glommio cores runs one task per
-//! sink; each takes sealed batches from every core's ring, writes them, and hands each
-//! one back to its core through the completion ring, which settles the batch's acks.
+//! sink; each takes sealed batches from every core's ring, writes or sends them, and hands
+//! each one back to its core through the completion ring, which settles the batch's acks.
 //!
-//! A write that fails is retried with backoff, never dropped: a batch is only handed back
-//! once its sink has it.
+//! Before the cores start, the emitter builds what they need from the services: each
+//! Kinesis stream's shard map, and whether a Firehose stream packs lines.
+//!
+//! A local write that fails is retried with backoff, never dropped: a batch is only handed
+//! back once its sink has it. AWS sinks are in `deliver`.
 
+mod aws;
+mod dead;
+mod deliver;
 mod file;
+pub mod limiter;
+pub mod retry;
 
 use std::future::poll_fn;
 use std::io::Write;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
 use crate::batch::Batch;
-use crate::config::{Sink, SinkKind};
+use crate::batch::records::{Framing, KeyMode, RecordFraming, RecordShape};
+use crate::config::{
+    Config, FIREHOSE_MAX_RECORD, FIREHOSE_MAX_REQUEST, PartitionKey, Sink, SinkKind,
+};
 use crate::metrics::{Report, Reporter, SinkCounters};
 use crate::ring::{Consumer, Producer};
+use crate::shards::ShardMap;
+use deliver::{AwsSink, Fallback, Service};
+
+/// What each core needs to know of one sink.
+pub struct Plan {
+    pub framing: Framing,
+    pub key_field: Option<Box<[u8]>>,
+    /// Per core: the feed of shard maps (Kinesis sinks), the current map already in it.
+    pub feeds: Vec<Option<crossbeam_channel::Receiver<Arc<ShardMap>>>>,
+}
 
 /// One sink's ends of every core's rings, indexed by core.
 pub struct Ports {
@@ -46,39 +70,82 @@ pub struct Emitter {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// How a sink's batches are framed into records.
+fn framing(kind: &SinkKind, packs_lines: bool) -> Framing {
+    match kind {
+        SinkKind::Stdout | SinkKind::File { .. } | SinkKind::Null => Framing::Stream,
+        SinkKind::Kinesis(k) => Framing::Records(RecordFraming {
+            max_record: k.max_record,
+            max_request: k.max_request,
+            keys: match k.key {
+                PartitionKey::Random => KeyMode::Random,
+                PartitionKey::Explicit => KeyMode::Explicit,
+                PartitionKey::Field(_) => KeyMode::Field,
+            },
+            shape: if k.aggregate {
+                RecordShape::Aggregated
+            } else {
+                RecordShape::Single
+            },
+            compression: k.compression,
+        }),
+        SinkKind::Firehose(_) => Framing::Records(RecordFraming {
+            max_record: FIREHOSE_MAX_RECORD,
+            max_request: FIREHOSE_MAX_REQUEST,
+            keys: KeyMode::None,
+            shape: if packs_lines {
+                RecordShape::Lines
+            } else {
+                RecordShape::Single
+            },
+            compression: None,
+        }),
+    }
+}
+
+/// A sink ready to run.
+enum Task {
+    Local(Box<Sink>, Option<mpsc::Receiver<Fallback>>),
+    Aws(Arc<AwsSink>),
+}
+
 impl Emitter {
-    /// Starts one task per sink.
+    /// Builds every sink (asking the services what the cores need to know), then runs one
+    /// task per sink on a runtime of its own thread. Returns each sink's plan for the cores.
     pub fn start(
-        sinks: Vec<Sink>,
+        cfg: &Config,
         ports: Vec<Ports>,
         reporter: Reporter,
-    ) -> std::io::Result<Emitter> {
+    ) -> std::io::Result<(Emitter, Vec<Plan>)> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("sluice-emit")
-            .enable_time()
+            .enable_all()
             .build()?;
+        let (tasks, plans) = rt.block_on(build(cfg));
         let thread = std::thread::Builder::new()
             .name("sluice-emitter".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    let tasks: Vec<_> = sinks
-                        .into_iter()
-                        .zip(ports)
-                        .enumerate()
-                        .map(|(i, (sink, ports))| {
-                            tokio::spawn(run_sink(i, sink, ports, reporter.clone()))
-                        })
-                        .collect();
+                    let mut handles = Vec::new();
+                    for (i, (task, ports)) in tasks.into_iter().zip(ports).enumerate() {
+                        let reporter = reporter.clone();
+                        handles.push(match task {
+                            Task::Local(sink, fallback) => {
+                                tokio::spawn(run_sink(i, *sink, ports, reporter, fallback))
+                            }
+                            Task::Aws(sink) => tokio::spawn(sink.run(ports, reporter)),
+                        });
+                    }
                     drop(reporter);
-                    for t in tasks {
-                        let _ = t.await;
+                    for h in handles {
+                        let _ = h.await;
                     }
                 });
                 // Writers still blocked past the drain deadline are abandoned, not awaited.
                 rt.shutdown_timeout(Duration::from_millis(100));
             })?;
-        Ok(Emitter { thread })
+        Ok((Emitter { thread }, plans))
     }
 
     /// Waits for every sink to drain, up to `deadline`; returns whether they did.
@@ -126,9 +193,127 @@ impl Inbox {
     }
 }
 
+/// Builds every sink: local ones as they are, AWS ones with their clients and the facts
+/// the cores need (shard maps, line packing), each fallback wired to its target.
+async fn build(cfg: &Config) -> (Vec<Task>, Vec<Plan>) {
+    let workers = cfg.engine.workers;
+    let mut fallbacks: Vec<Option<mpsc::Sender<Fallback>>> = vec![None; cfg.sinks.len()];
+    let mut fallback_rx: Vec<Option<mpsc::Receiver<Fallback>>> =
+        (0..cfg.sinks.len()).map(|_| None).collect();
+    for s in &cfg.sinks {
+        if let Some(t) = s.fallback {
+            if fallbacks[t].is_none() {
+                let (tx, rx) = mpsc::channel(16);
+                fallbacks[t] = Some(tx);
+                fallback_rx[t] = Some(rx);
+            }
+        }
+    }
+    let mut tasks = Vec::new();
+    let mut plans = Vec::new();
+    for (i, sink) in cfg.sinks.iter().enumerate() {
+        let fallback = sink.fallback.and_then(|t| fallbacks[t].clone());
+        let no_feeds = || (0..workers).map(|_| None).collect();
+        match &sink.kind {
+            SinkKind::Stdout | SinkKind::File { .. } | SinkKind::Null => {
+                tasks.push(Task::Local(Box::new(sink.clone()), fallback_rx[i].take()));
+                plans.push(Plan {
+                    framing: framing(&sink.kind, false),
+                    key_field: None,
+                    feeds: no_feeds(),
+                });
+            }
+            SinkKind::Kinesis(k) => {
+                let client = aws::Kinesis::new(k).await;
+                let known = match tokio::time::timeout(k.aws.request_timeout, client.shards()).await
+                {
+                    Ok(Ok(map)) => Some(map),
+                    Ok(Err(e)) => {
+                        tracing::warn!(sink = %sink.name, error = %e, "Cannot list the stream's shards yet; retrying in the background");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(sink = %sink.name, "Listing the stream's shards timed out; retrying in the background");
+                        None
+                    }
+                };
+                let map = known.clone().unwrap_or_else(ShardMap::unknown);
+                let (txs, rxs): (Vec<_>, Vec<_>) =
+                    (0..workers).map(|_| crossbeam_channel::unbounded()).unzip();
+                let shared = Arc::new(map.clone());
+                for tx in &txs {
+                    let _ = tx.send(shared.clone());
+                }
+                tracing::info!(sink = %sink.name, stream = %k.stream, shards = map.len(), "Kinesis sink ready");
+                let aws = AwsSink::new(
+                    i,
+                    sink.name.clone(),
+                    Service::Kinesis(client),
+                    cfg.engine.dead_letter_dir.clone(),
+                    fallback,
+                    k.aws.max_concurrency,
+                    Some((map, k.shard_headroom, k.shard_refresh)),
+                    txs,
+                );
+                if known.is_none() {
+                    aws.refresh_soon();
+                }
+                tasks.push(Task::Aws(Arc::new(aws)));
+                plans.push(Plan {
+                    framing: framing(&sink.kind, false),
+                    key_field: match &k.key {
+                        PartitionKey::Field(f) => Some(f.as_bytes().into()),
+                        _ => None,
+                    },
+                    feeds: rxs.into_iter().map(Some).collect(),
+                });
+            }
+            SinkKind::Firehose(f) => {
+                let client = aws::Firehose::new(f).await;
+                let packs = match tokio::time::timeout(
+                    f.aws.request_timeout,
+                    client.packs_lines(f.packing),
+                )
+                .await
+                {
+                    Ok(p) => p,
+                    Err(_) => {
+                        tracing::warn!(sink = %sink.name, "Describing the delivery stream timed out; line packing off");
+                        false
+                    }
+                };
+                tracing::info!(sink = %sink.name, stream = %f.delivery_stream, line_packing = packs, "Firehose sink ready");
+                let aws = AwsSink::new(
+                    i,
+                    sink.name.clone(),
+                    Service::Firehose(client),
+                    cfg.engine.dead_letter_dir.clone(),
+                    fallback,
+                    f.aws.max_concurrency,
+                    None,
+                    vec![],
+                );
+                tasks.push(Task::Aws(Arc::new(aws)));
+                plans.push(Plan {
+                    framing: framing(&sink.kind, packs),
+                    key_field: None,
+                    feeds: no_feeds(),
+                });
+            }
+        }
+    }
+    (tasks, plans)
+}
+
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
-async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
+async fn run_sink(
+    index: usize,
+    sink: Sink,
+    ports: Ports,
+    reporter: Reporter,
+    mut fallback: Option<mpsc::Receiver<Fallback>>,
+) {
     let mut writer: Option<Box<dyn Writer>> = match &sink.kind {
         SinkKind::Stdout => Some(Box::new(Stdout)),
         SinkKind::File {
@@ -141,6 +326,7 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
             *rotate_age,
         ))),
         SinkKind::Null => None,
+        SinkKind::Kinesis(_) | SinkKind::Firehose(_) => unreachable!("AWS sinks run in deliver"),
     };
     let mut inbox = Inbox {
         rings: ports.batches,
@@ -148,19 +334,56 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
     };
     let mut c = SinkCounters::default();
     let mut next_report = tokio::time::Instant::now() + REPORT_EVERY;
+    enum Ev {
+        Batch(Option<Batch>),
+        Fallback(Fallback),
+        Tick,
+    }
     loop {
-        let next = futures_lite::future::or(async { Some(inbox.next().await) }, async {
-            tokio::time::sleep_until(next_report).await;
-            None
-        })
+        let ev = futures_lite::future::or(
+            async { Ev::Batch(inbox.next().await) },
+            futures_lite::future::or(
+                async {
+                    match &mut fallback {
+                        Some(rx) => match rx.recv().await {
+                            Some(f) => Ev::Fallback(f),
+                            None => std::future::pending().await,
+                        },
+                        None => std::future::pending().await,
+                    }
+                },
+                async {
+                    tokio::time::sleep_until(next_report).await;
+                    Ev::Tick
+                },
+            ),
+        )
         .await;
-        let mut batch = match next {
-            Some(Some(b)) => b,
-            Some(None) => break,
-            None => {
+        let mut batch = match ev {
+            Ev::Batch(Some(b)) => b,
+            Ev::Batch(None) => break,
+            Ev::Fallback(f) => {
+                // Records another sink could not deliver, written like a batch of ours.
+                let mut b = Batch {
+                    data: f.data,
+                    events: f.records as u32,
+                    ..Batch::default()
+                };
+                if let Some(w) = writer.take() {
+                    let (w, back) = write_until_done(&sink.name, w, b, &mut c).await;
+                    writer = Some(w);
+                    b = back;
+                }
+                c.records += f.records;
+                c.bytes += b.data.len() as u64;
+                let _ = f.done.send(());
+                continue;
+            }
+            Ev::Tick => {
                 let _ = reporter.send(Report::Sink {
                     sink: index,
                     counters: c,
+                    detail: vec![],
                 });
                 next_report += REPORT_EVERY;
                 continue;
@@ -180,6 +403,7 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
             let _ = reporter.send(Report::Sink {
                 sink: index,
                 counters: c,
+                detail: vec![],
             });
             next_report += REPORT_EVERY;
         }
@@ -192,6 +416,7 @@ async fn run_sink(index: usize, sink: Sink, ports: Ports, reporter: Reporter) {
     let _ = reporter.send(Report::Sink {
         sink: index,
         counters: c,
+        detail: vec![],
     });
 }
 

@@ -1,0 +1,172 @@
+//! Per-shard token buckets. A Kinesis shard takes 1,000 records/s and 1 MiB/s; each bucket
+//! aims at a fraction of that (the headroom), halves it when its shard reports
+//! `ProvisionedThroughputExceededException`, and grows it back as requests succeed. A
+//! bucket may go into debt by one request, so a record larger than a second's allowance
+//! still goes, then waits its turn.
+//! <https://docs.aws.amazon.com/streams/latest/dev/service-sizes-and-limits.html>
+
+use std::time::{Duration, Instant};
+
+pub const SHARD_RECORDS_PER_SEC: f64 = 1000.0;
+pub const SHARD_BYTES_PER_SEC: f64 = 1024.0 * 1024.0;
+
+/// The lowest fraction a throttled shard falls to.
+const MIN_FRACTION: f64 = 0.05;
+
+#[derive(Clone, Debug)]
+struct Bucket {
+    records: f64,
+    bytes: f64,
+    fraction: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(fraction: f64, now: Instant) -> Self {
+        Bucket {
+            records: SHARD_RECORDS_PER_SEC * fraction,
+            bytes: SHARD_BYTES_PER_SEC * fraction,
+            fraction,
+            at: now,
+        }
+    }
+
+    /// Adds what has dripped in since the last look, up to one second's worth.
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.records = (self.records + dt * SHARD_RECORDS_PER_SEC * self.fraction)
+            .min(SHARD_RECORDS_PER_SEC * self.fraction);
+        self.bytes = (self.bytes + dt * SHARD_BYTES_PER_SEC * self.fraction)
+            .min(SHARD_BYTES_PER_SEC * self.fraction);
+    }
+
+    /// How long until both counts are out of debt.
+    fn wait(&self) -> Duration {
+        let r = (-self.records).max(0.0) / (SHARD_RECORDS_PER_SEC * self.fraction);
+        let b = (-self.bytes).max(0.0) / (SHARD_BYTES_PER_SEC * self.fraction);
+        Duration::from_secs_f64(r.max(b))
+    }
+}
+
+/// One bucket per shard of a stream.
+#[derive(Clone, Debug)]
+pub struct ShardLimiter {
+    buckets: Vec<Bucket>,
+    headroom: f64,
+}
+
+impl ShardLimiter {
+    pub fn new(shards: usize, headroom: f64, now: Instant) -> Self {
+        ShardLimiter {
+            buckets: (0..shards.max(1))
+                .map(|_| Bucket::full(headroom, now))
+                .collect(),
+            headroom,
+        }
+    }
+
+    /// After a reshard: one full bucket per shard of the new map.
+    pub fn reset(&mut self, shards: usize, now: Instant) {
+        *self = ShardLimiter::new(shards, self.headroom, now);
+    }
+
+    /// Takes what a request needs, `(shard, records, bytes)` per shard, if no shard it
+    /// touches is in debt; otherwise says how long to wait before asking again.
+    pub fn take(&mut self, now: Instant, need: &[(usize, u64, u64)]) -> Result<(), Duration> {
+        let mut wait = Duration::ZERO;
+        for &(s, _, _) in need {
+            if let Some(b) = self.buckets.get_mut(s) {
+                b.refill(now);
+                wait = wait.max(b.wait());
+            }
+        }
+        if wait > Duration::ZERO {
+            return Err(wait);
+        }
+        for &(s, records, bytes) in need {
+            if let Some(b) = self.buckets.get_mut(s) {
+                b.records -= records as f64;
+                b.bytes -= bytes as f64;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn throttled(&mut self, shard: usize) {
+        if let Some(b) = self.buckets.get_mut(shard) {
+            b.fraction = (b.fraction * 0.5).max(MIN_FRACTION);
+        }
+    }
+
+    pub fn succeeded(&mut self, shard: usize) {
+        if let Some(b) = self.buckets.get_mut(shard) {
+            b.fraction = (b.fraction + self.headroom * 0.05).min(self.headroom);
+        }
+    }
+
+    /// A shard's current allowance, in records per second.
+    pub fn rate(&self, shard: usize) -> u64 {
+        self.buckets
+            .get(shard)
+            .map_or(0, |b| (b.fraction * SHARD_RECORDS_PER_SEC) as u64)
+    }
+
+    pub fn shards(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_takes_its_rate_and_no_more() {
+        let t0 = Instant::now();
+        let mut l = ShardLimiter::new(2, 1.0, t0);
+        // A full second's worth goes at once; the next request waits for the refill.
+        assert!(l.take(t0, &[(0, 1000, 1000)]).is_ok());
+        assert!(
+            l.take(t0, &[(0, 1, 1)]).is_ok(),
+            "debt of one request is allowed"
+        );
+        let wait = l.take(t0, &[(0, 1, 1)]).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait < Duration::from_millis(10),
+            "{wait:?}"
+        );
+        // The other shard is untouched.
+        assert!(l.take(t0, &[(1, 500, 500)]).is_ok());
+        // After a second, the first shard is back.
+        assert!(l.take(t0 + Duration::from_secs(1), &[(0, 900, 1)]).is_ok());
+    }
+
+    #[test]
+    fn bytes_limit_too() {
+        let t0 = Instant::now();
+        let mut l = ShardLimiter::new(1, 1.0, t0);
+        assert!(l.take(t0, &[(0, 1, 2 << 20)]).is_ok());
+        let wait = l.take(t0, &[(0, 1, 1)]).unwrap_err();
+        assert!(wait >= Duration::from_millis(990), "{wait:?}");
+    }
+
+    #[test]
+    fn throttles_halve_a_shard_and_successes_bring_it_back() {
+        let t0 = Instant::now();
+        let mut l = ShardLimiter::new(2, 0.9, t0);
+        assert_eq!(l.rate(0), 900);
+        l.throttled(0);
+        l.throttled(0);
+        assert_eq!(l.rate(0), 225);
+        assert_eq!(l.rate(1), 900);
+        for _ in 0..5 {
+            l.throttled(0);
+        }
+        assert_eq!(l.rate(0), 50, "floor");
+        for _ in 0..100 {
+            l.succeeded(0);
+        }
+        assert_eq!(l.rate(0), 900);
+    }
+}
