@@ -41,7 +41,14 @@ const RSS_BOUND_KIB: u64 = 96 * 1024;
 
 #[test]
 fn a_stalled_sink_blocks_the_client_without_loss_or_growth() {
-    let mut s = Sluice::start_with("backpressure", CONFIG, Opts { pipe_stdout: true });
+    let mut s = Sluice::start_with(
+        "backpressure",
+        CONFIG,
+        Opts {
+            pipe_stdout: true,
+            ..Opts::default()
+        },
+    );
     let stdout = s.stdout.take().unwrap();
     let addr = s.addr("fwd");
     let frames: Vec<Vec<u8>> = (0..FRAMES)
@@ -167,7 +174,14 @@ fn amplify() -> String {
 fn a_compressed_frame_pauses_mid_frame_instead_of_queueing() {
     const FRAMES: usize = 12;
     const PER_FRAME: usize = 200_000;
-    let mut s = Sluice::start_with("bp-amplify", &amplify(), Opts { pipe_stdout: true });
+    let mut s = Sluice::start_with(
+        "bp-amplify",
+        &amplify(),
+        Opts {
+            pipe_stdout: true,
+            ..Opts::default()
+        },
+    );
     let stdout = s.stdout.take().unwrap();
     let mut conn = connect(s.addr("fwd"));
     let mut acks_conn = conn.try_clone().unwrap();

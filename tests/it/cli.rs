@@ -97,7 +97,14 @@ fn local_example_validates() {
 /// `sluice` with no arguments: Forward on 24224 and JSON lines on 5170, to stdout.
 #[test]
 fn embedded_default_config_prints_events_to_stdout() {
-    let mut s = Sluice::spawn(scratch_dir("default"), &[], Opts { pipe_stdout: true });
+    let mut s = Sluice::spawn(
+        scratch_dir("default"),
+        &[],
+        Opts {
+            pipe_stdout: true,
+            ..Opts::default()
+        },
+    );
     let mut j = TcpStream::connect("127.0.0.1:5170").unwrap();
     j.write_all(b"{\"tag\":\"app.web\",\"msg\":\"hello from nc\"}\n")
         .unwrap();

@@ -52,16 +52,19 @@ pub struct Sluice {
     pub stdout: Option<ChildStdout>,
 }
 
+#[derive(Default)]
 pub struct Opts {
     /// Leave stdout piped for the test to read (or not read); otherwise it is discarded.
     pub pipe_stdout: bool,
+    /// More environment for the process.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Sluice {
     /// Starts sluice on `config`, in which `{dir}` stands for a fresh scratch directory,
     /// and waits until it is ready.
     pub fn start(name: &str, config: &str) -> Sluice {
-        Sluice::start_with(name, config, Opts { pipe_stdout: false })
+        Sluice::start_with(name, config, Opts::default())
     }
 
     pub fn start_with(name: &str, config: &str, opts: Opts) -> Sluice {
@@ -78,6 +81,13 @@ impl Sluice {
         let mut child = Command::new(BIN)
             .args(args)
             .env("SLUICE_LOG", "info")
+            // Emulators take any credentials; never look for real ones.
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(if opts.pipe_stdout {
                 Stdio::piped()

@@ -6,9 +6,11 @@ mod backpressure;
 mod bad_input;
 mod cli;
 mod clients;
+mod emulators;
 mod forward;
 mod frames;
 mod harness;
 mod json_lines;
+mod kinesis;
 #[path = "../support/forward.rs"]
 mod support;

@@ -1,0 +1,256 @@
+//! The Kinesis and Firehose sinks through the real binary and the real SDK, against moto
+//! server: streams of 1 and 4 shards, plain, aggregated and compressed, read back from
+//! every shard with boto3 and AWS's deaggregator; and a Firehose delivery stream into S3.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+
+use crate::emulators::Emulator;
+use crate::frames::{Mode, Time, connect, frame, read_acks, record};
+use crate::harness::Sluice;
+
+/// Sends `n` events tagged `tag` in acked PackedForward frames of 100, and waits for every
+/// ack: the events are then accepted by the sink's service.
+pub fn send_acked(addr: SocketAddr, tag: &str, client: &str, n: usize) {
+    let mut conn = connect(addr);
+    let frames = n.div_ceil(100);
+    for f in 0..frames {
+        let events: Vec<_> = (f * 100..((f + 1) * 100).min(n))
+            .map(|k| {
+                (
+                    Time::FixExt8(1_700_000_000, k as u32),
+                    record(client, k, 200),
+                )
+            })
+            .collect();
+        conn.write_all(&frame(
+            Mode::PackedBin,
+            tag,
+            &events,
+            Some(&format!("{tag}-{f}")),
+        ))
+        .unwrap();
+    }
+    assert_eq!(read_acks(&mut conn, frames).len(), frames);
+}
+
+/// Checks that the events of `client` came back exactly once; returns them per shard.
+pub fn exactly_once(
+    records: &[serde_json::Value],
+    client: &str,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut seen = vec![0; n];
+    let mut per_shard = BTreeMap::new();
+    for r in records {
+        let data = r["data"].as_str().unwrap();
+        for line in data.lines().filter(|l| !l.is_empty()) {
+            let ev: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not an event ({e}): {line:?}"));
+            if ev["client"] == client {
+                seen[ev["seq"].as_u64().unwrap() as usize] += 1;
+                *per_shard
+                    .entry(r["shard"].as_str().unwrap_or_default().to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    let wrong: Vec<_> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c != 1)
+        .take(10)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{client}: (seq, times) not exactly once: {wrong:?}"
+    );
+    per_shard
+}
+
+const KINESIS: &str = r#"
+[engine]
+workers = 2
+stats_interval = "1s"
+dead_letter_dir = "{dir}/dead"
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+
+[sinks.plain1]
+type = "kinesis"
+stream = "one"
+endpoint = "{endpoint}"
+linger = "100ms"
+
+[sinks.plain4]
+type = "kinesis"
+stream = "four"
+endpoint = "{endpoint}"
+linger = "100ms"
+
+[sinks.explicit4]
+type = "kinesis"
+stream = "four-explicit-zstd"
+endpoint = "{endpoint}"
+partition_key = "explicit"
+compression = "zstd"
+linger = "100ms"
+
+[sinks.agg4]
+type = "kinesis"
+stream = "four-agg"
+endpoint = "{endpoint}"
+aggregate = true
+linger = "100ms"
+
+[sinks.agg1gz]
+type = "kinesis"
+stream = "one-agg-gzip"
+endpoint = "{endpoint}"
+aggregate = true
+compression = "gzip"
+linger = "100ms"
+
+[[routes]]
+match = "plain1"
+sinks = "plain1"
+tag_key = "tag"
+
+[[routes]]
+match = "plain4"
+sinks = "plain4"
+
+[[routes]]
+match = "explicit4"
+sinks = "explicit4"
+
+[[routes]]
+match = "agg4"
+sinks = "agg4"
+
+[[routes]]
+match = "agg1gz"
+sinks = "agg1gz"
+"#;
+
+const N: usize = 1000;
+
+#[test]
+fn kinesis_streams_plain_aggregated_and_compressed_on_moto() {
+    let moto = Emulator::moto();
+    for (name, shards) in [
+        ("one", "1"),
+        ("four", "4"),
+        ("four-explicit-zstd", "4"),
+        ("four-agg", "4"),
+        ("one-agg-gzip", "1"),
+    ] {
+        moto.tool(&["create-stream", name, shards]);
+    }
+    let mut s = Sluice::start(
+        "kinesis-moto",
+        &KINESIS.replace("{endpoint}", &moto.endpoint),
+    );
+    s.wait_log("sinks ready", |l| {
+        l.contains("Kinesis sink ready") && l.contains("one-agg-gzip") && l.contains("shards=1")
+    });
+    let fwd = s.addr("fwd");
+    let tags = ["plain1", "plain4", "explicit4", "agg4", "agg1gz"];
+    std::thread::scope(|scope| {
+        for tag in tags {
+            scope.spawn(move || send_acked(fwd, tag, tag, N));
+        }
+    });
+
+    let one = moto.read_stream("one", None);
+    assert_eq!(one.len(), N, "plain: one record per event");
+    let per = exactly_once(&one, "plain1", N);
+    assert_eq!(per.len(), 1);
+    assert!(
+        one.iter()
+            .all(|r| r["data"].as_str().unwrap().contains("\"tag\":\"plain1\""))
+    );
+
+    let four = moto.read_stream("four", None);
+    let per = exactly_once(&four, "plain4", N);
+    eprintln!("four shards, random keys: {per:?}");
+    assert_eq!(per.len(), 4, "random keys reach every shard");
+    assert!(per.values().all(|&n| n > N / 8), "{per:?}");
+
+    let explicit = moto.read_stream("four-explicit-zstd", Some("zstd"));
+    let per = exactly_once(&explicit, "explicit4", N);
+    eprintln!("four shards, explicit hash keys: {per:?}");
+    assert_eq!(per.len(), 4);
+    assert!(
+        per.values().all(|&n| n.abs_diff(N / 4) <= N / 40),
+        "explicit keys spread evenly: {per:?}"
+    );
+
+    let agg = moto.read_stream("four-agg", None);
+    assert!(
+        agg.iter().all(|r| r["aggregated"] == true),
+        "every record is a KPL aggregate"
+    );
+    let per = exactly_once(&agg, "agg4", N);
+    eprintln!("four shards, aggregated: {per:?}");
+    let records = s.wait_stat("sink.agg4.events", |n| n == N as u64)["sink.agg4.records"];
+    assert!(
+        records < (N / 10) as u64,
+        "{records} aggregates for {N} events"
+    );
+
+    let gz = moto.read_stream("one-agg-gzip", Some("gzip"));
+    assert!(gz.iter().all(|r| r["aggregated"] == true));
+    exactly_once(&gz, "agg1gz", N);
+    s.assert_healthy();
+}
+
+const FIREHOSE: &str = r#"
+[engine]
+workers = 2
+stats_interval = "1s"
+dead_letter_dir = "{dir}/dead"
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+
+[sinks.s3]
+type = "firehose"
+delivery_stream = "logs-to-s3"
+endpoint = "{endpoint}"
+linger = "100ms"
+
+[[routes]]
+match = "**"
+sinks = "s3"
+tag_key = "tag"
+"#;
+
+#[test]
+fn firehose_into_s3_on_moto_packs_lines() {
+    let moto = Emulator::moto();
+    moto.tool(&["create-bucket", "sluice-logs"]);
+    moto.tool(&["create-delivery-stream", "logs-to-s3", "sluice-logs"]);
+    let mut s = Sluice::start(
+        "firehose-moto",
+        &FIREHOSE.replace("{endpoint}", &moto.endpoint),
+    );
+    s.wait_log("packing", |l| {
+        l.contains("Firehose sink ready") && l.contains("line_packing=true")
+    });
+    send_acked(s.addr("fwd"), "app.web", "fh", 3000);
+    let objects = moto.tool(&["read-bucket", "sluice-logs"]);
+    let records: Vec<serde_json::Value> = vec![serde_json::json!({"shard": "s3", "data": objects})];
+    exactly_once(&records, "fh", 3000);
+    let stats = s.wait_stat("sink.s3.records", |n| n > 0);
+    assert!(
+        stats["sink.s3.records"] * 20 < 3000,
+        "lines are packed: {} records for 3000 events",
+        stats["sink.s3.records"]
+    );
+    s.assert_healthy();
+}

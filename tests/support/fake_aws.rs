@@ -1,0 +1,296 @@
+//! A fault-injecting fake of the Kinesis and Firehose JSON APIs on loopback, for what the
+//! emulators cannot do: throttling, partial failures, 5xx, outages, and speed. It answers
+//! PutRecords, ListShards, PutRecordBatch and DescribeDeliveryStream; records go to shards
+//! by explicit hash key or by the MD5 of their partition key, as Kinesis does. Faults are
+//! switched while it runs. Shared by the integration tests and the load generator.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// What goes wrong, and how often (fractions of records or requests).
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Records failed with ProvisionedThroughputExceededException inside 200 answers.
+    pub throttle_records: f64,
+    /// Whole requests refused with ProvisionedThroughputExceededException.
+    pub throttle_requests: f64,
+    /// Whole requests answered with HTTP 500.
+    pub server_errors: f64,
+    /// Until then, connections are closed without an answer.
+    pub outage_until: Option<Instant>,
+}
+
+/// What the fake has seen.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub requests: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// Kinesis PUT payload units: each accepted record's data plus key, per 25 KiB.
+    pub payload_units: u64,
+    /// Accepted records' data (when kept).
+    pub data: Vec<Vec<u8>>,
+    /// Accepted records per shard index.
+    pub per_shard: Vec<u64>,
+    pub throttled_records: u64,
+    pub throttled_requests: u64,
+    pub server_errors: u64,
+    pub dropped_connections: u64,
+}
+
+pub struct Fake {
+    pub addr: SocketAddr,
+    pub faults: Arc<Mutex<Faults>>,
+    pub seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Shared {
+    shards: Vec<(String, u128, u128)>,
+    /// Delivery streams and streams that exist; others are "not found".
+    streams: Vec<String>,
+    keep: bool,
+    faults: Arc<Mutex<Faults>>,
+    seen: Arc<Mutex<Seen>>,
+    rng: Mutex<u64>,
+}
+
+impl Fake {
+    /// Starts the fake with `shards` shards over the hash space; `streams` names what
+    /// exists; `keep` stores accepted records' data.
+    pub fn start(shards: usize, streams: &[&str], keep: bool) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let step = u128::MAX / shards as u128;
+        let shards: Vec<(String, u128, u128)> = (0..shards as u128)
+            .map(|i| {
+                let end = if i + 1 == shards as u128 { u128::MAX } else { (i + 1) * step - 1 };
+                (format!("shardId-{i:012}"), i * step, end)
+            })
+            .collect();
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let seen = Arc::new(Mutex::new(Seen {
+            per_shard: vec![0; shards.len()],
+            ..Seen::default()
+        }));
+        let shared = Arc::new(Shared {
+            shards,
+            streams: streams.iter().map(|s| s.to_string()).collect(),
+            keep,
+            faults: faults.clone(),
+            seen: seen.clone(),
+            rng: Mutex::new(0x9e37_79b9_7f4a_7c15),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let shared = shared.clone();
+                std::thread::spawn(move || serve(conn, &shared));
+            }
+        });
+        Fake { addr, faults, seen, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, f: Faults) {
+        *self.faults.lock().unwrap() = f;
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+impl Shared {
+    fn chance(&self, p: f64) -> bool {
+        if p <= 0.0 {
+            return false;
+        }
+        let mut s = self.rng.lock().unwrap();
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        (*s >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    fn shard_of(&self, hash: u128) -> usize {
+        self.shards.iter().position(|s| s.1 <= hash && hash <= s.2).unwrap_or(0)
+    }
+}
+
+/// Serves one keep-alive connection.
+fn serve(conn: TcpStream, shared: &Shared) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut out = conn;
+    loop {
+        let mut target = String::new();
+        let mut len = 0usize;
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                match k.to_ascii_lowercase().as_str() {
+                    "x-amz-target" => target = v.trim().to_string(),
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let faults = shared.faults.lock().unwrap().clone();
+        if faults.outage_until.is_some_and(|t| Instant::now() < t) {
+            shared.seen.lock().unwrap().dropped_connections += 1;
+            return;
+        }
+        let (status, reply) = answer(&target, &body, &faults, shared);
+        let reply = reply.to_string();
+        let head = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nx-amzn-RequestId: fake\r\n\r\n",
+            reply.len()
+        );
+        if out.write_all(head.as_bytes()).is_err() || out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn error(status: u16, kind: &str) -> (u16, Value) {
+    (status, json!({"__type": kind, "message": "injected by the fake"}))
+}
+
+fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, Value) {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let op = target.rsplit('.').next().unwrap_or_default();
+    let stream = req
+        .get("StreamName")
+        .or_else(|| req.get("DeliveryStreamName"))
+        .and_then(Value::as_str)
+        .or_else(|| req.get("StreamARN").and_then(Value::as_str).and_then(|a| a.rsplit('/').next()))
+        .unwrap_or_default()
+        .to_string();
+    match op {
+        "ListShards" => {
+            let shards: Vec<Value> = shared
+                .shards
+                .iter()
+                .map(|(id, s, e)| {
+                    json!({"ShardId": id, "HashKeyRange": {"StartingHashKey": s.to_string(), "EndingHashKey": e.to_string()},
+                           "SequenceNumberRange": {"StartingSequenceNumber": "0"}})
+                })
+                .collect();
+            (200, json!({"Shards": shards}))
+        }
+        "DescribeDeliveryStream" => (
+            200,
+            json!({"DeliveryStreamDescription": {
+                "DeliveryStreamName": stream, "DeliveryStreamARN": format!("arn:aws:firehose:us-east-1:123456789012:deliverystream/{stream}"),
+                "DeliveryStreamStatus": "ACTIVE", "DeliveryStreamType": "DirectPut", "VersionId": "1", "HasMoreDestinations": false,
+                "Destinations": [{"DestinationId": "d-1", "ExtendedS3DestinationDescription": {
+                    "RoleARN": "arn:aws:iam::123456789012:role/f", "BucketARN": "arn:aws:s3:::b",
+                    "BufferingHints": {"SizeInMBs": 5, "IntervalInSeconds": 300}, "CompressionFormat": "UNCOMPRESSED",
+                    "EncryptionConfiguration": {"NoEncryptionConfig": "NoEncryption"}}}]}}),
+        ),
+        "PutRecords" | "PutRecordBatch" => {
+            {
+                let mut seen = shared.seen.lock().unwrap();
+                seen.requests += 1;
+                if !shared.streams.iter().any(|s| *s == stream) {
+                    return error(400, "ResourceNotFoundException");
+                }
+                if shared.chance(faults.throttle_requests) {
+                    seen.throttled_requests += 1;
+                    return error(400, "ProvisionedThroughputExceededException");
+                }
+                if shared.chance(faults.server_errors) {
+                    seen.server_errors += 1;
+                    return error(500, "InternalFailure");
+                }
+            }
+            let records = req.get("Records").and_then(Value::as_array).cloned().unwrap_or_default();
+            let mut results = Vec::with_capacity(records.len());
+            let mut failed = 0;
+            let mut seen = shared.seen.lock().unwrap();
+            for r in &records {
+                let data = r
+                    .get("Data")
+                    .and_then(Value::as_str)
+                    .and_then(|d| aws_smithy_types::base64::decode(d).ok())
+                    .unwrap_or_default();
+                let key = r.get("PartitionKey").and_then(Value::as_str).unwrap_or_default();
+                if shared.chance(faults.throttle_records) {
+                    failed += 1;
+                    seen.throttled_records += 1;
+                    let code = if op == "PutRecords" { "ProvisionedThroughputExceededException" } else { "ServiceUnavailableException" };
+                    results.push(json!({"ErrorCode": code, "ErrorMessage": "injected"}));
+                    continue;
+                }
+                let hash = r
+                    .get("ExplicitHashKey")
+                    .and_then(Value::as_str)
+                    .and_then(|h| h.parse::<u128>().ok())
+                    .unwrap_or_else(|| {
+                        use md5::{Digest, Md5};
+                        u128::from_be_bytes(Md5::digest(key.as_bytes()).into())
+                    });
+                let shard = shared.shard_of(hash);
+                seen.records += 1;
+                seen.bytes += data.len() as u64;
+                seen.payload_units += (data.len() + key.len()).div_ceil(25 * 1024) as u64;
+                seen.per_shard[shard] += 1;
+                if shared.keep {
+                    seen.data.push(data);
+                }
+                if op == "PutRecords" {
+                    results.push(json!({"SequenceNumber": seen.records.to_string(), "ShardId": shared.shards[shard].0}));
+                } else {
+                    results.push(json!({"RecordId": seen.records.to_string()}));
+                }
+            }
+            if op == "PutRecords" {
+                (200, json!({"FailedRecordCount": failed, "Records": results}))
+            } else {
+                (200, json!({"FailedPutCount": failed, "Encrypted": false, "RequestResponses": results}))
+            }
+        }
+        _ => error(400, "UnknownOperationException"),
+    }
+}
+
+/// Waits until `pred` holds of what the fake has seen.
+pub fn wait_seen(fake: &Fake, what: &str, patience: Duration, pred: impl Fn(&Seen) -> bool) {
+    let start = Instant::now();
+    while !pred(&fake.seen.lock().unwrap()) {
+        assert!(start.elapsed() < patience, "the fake never saw {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
