@@ -253,7 +253,7 @@ impl AwsSink {
                 let unit = s.rng.next_u64() as f64 / u64::MAX as f64;
                 match verdict {
                     Verdict::Done => {
-                        self.accepted(&mut s, &batch, &pending, &shards, &landed, &[]);
+                        self.accepted(&mut s, &batch, &pending, &shards, &landed, &[], &[]);
                         pending.clear();
                         None
                     }
@@ -267,16 +267,16 @@ impl AwsSink {
                             .copied()
                             .chain(dead.iter().map(|d| d.0))
                             .collect();
-                        self.accepted(&mut s, &batch, &pending, &shards, &landed, &skip);
                         if throttled {
                             s.c.throttles += 1;
                             s.aimd.throttled(now);
-                            if let Some(l) = &mut s.limiter {
-                                for &p in &retry {
-                                    l.throttled(shards[p]);
-                                }
-                            }
                         }
+                        let hot: Vec<usize> = if throttled {
+                            retry.iter().map(|&p| shards[p]).collect()
+                        } else {
+                            vec![]
+                        };
+                        self.accepted(&mut s, &batch, &pending, &shards, &landed, &skip, &hot);
                         for (p, code) in dead {
                             refused.push((
                                 vec![batch.records[pending[p]]],
@@ -293,7 +293,10 @@ impl AwsSink {
                             s.c.throttles += 1;
                             s.aimd.throttled(now);
                             if let Some(l) = &mut s.limiter {
-                                for &sh in &shards {
+                                let mut hot = shards.clone();
+                                hot.sort_unstable();
+                                hot.dedup();
+                                for sh in hot {
                                     l.throttled(sh);
                                 }
                             }
@@ -322,8 +325,11 @@ impl AwsSink {
         batch
     }
 
-    /// Counts accepted records (all of `pending` but the positions in `skip`), and for
-    /// Kinesis checks where they landed against the shard map.
+    /// Counts accepted records (all of `pending` but the positions in `skip`), moves each
+    /// shard's bucket once for this answer (down for the shards in `hot`, which throttled,
+    /// up for the others that took records), and checks where records landed against the
+    /// shard map.
+    #[allow(clippy::too_many_arguments)]
     fn accepted(
         &self,
         s: &mut State,
@@ -332,8 +338,10 @@ impl AwsSink {
         shards: &[usize],
         landed: &[Option<String>],
         skip: &[usize],
+        hot: &[usize],
     ) {
         let mut stale = false;
+        let mut took: Vec<usize> = Vec::new();
         for (p, &i) in pending.iter().enumerate() {
             if skip.contains(&p) {
                 continue;
@@ -341,12 +349,23 @@ impl AwsSink {
             let r = &batch.records[i];
             s.c.records += 1;
             s.c.bytes += (r.end - r.start) as u64;
-            if let Some(l) = &mut s.limiter {
-                l.succeeded(shards[p]);
+            if !took.contains(&shards[p]) {
+                took.push(shards[p]);
             }
             if let (Some(Some(got)), Some(want)) = (landed.get(p), s.shards.shards().get(shards[p]))
             {
                 stale |= !want.id.is_empty() && *got != want.id;
+            }
+        }
+        if let Some(l) = &mut s.limiter {
+            let mut hot = hot.to_vec();
+            hot.sort_unstable();
+            hot.dedup();
+            for &sh in &hot {
+                l.throttled(sh);
+            }
+            for sh in took.into_iter().filter(|sh| !hot.contains(sh)) {
+                l.succeeded(sh);
             }
         }
         s.aimd.success();

@@ -33,35 +33,57 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Reads `{"ack": chunk}` replies until `n` have arrived; returns their chunk ids.
-pub fn read_acks(s: &mut TcpStream, n: usize) -> Vec<String> {
-    let mut buf = vec![];
-    let mut acks = vec![];
-    let mut tmp = [0u8; 4096];
-    while acks.len() < n {
-        let k = s.read(&mut tmp).expect("reading acks");
-        assert!(k > 0, "connection closed after {} of {n} acks", acks.len());
-        buf.extend_from_slice(&tmp[..k]);
+/// Reads `{"ack": chunk}` replies from a connection, keeping whatever arrived past the
+/// last whole reply for the next call.
+pub struct AckReader {
+    conn: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl AckReader {
+    pub fn new(conn: TcpStream) -> Self {
+        AckReader { conn, buf: vec![] }
+    }
+
+    /// Waits for at least one reply; returns every whole one that has arrived.
+    pub fn some(&mut self) -> Vec<String> {
+        let mut tmp = [0u8; 4096];
         loop {
-            let mut r = &buf[..];
-            match rmpv::decode::read_value(&mut r) {
-                Ok(v) => {
-                    let used = buf.len() - r.len();
-                    let map = v.as_map().expect("an ack is a map");
-                    assert_eq!(map.len(), 1);
-                    assert_eq!(map[0].0.as_str(), Some("ack"));
-                    acks.push(
-                        map[0]
-                            .1
-                            .as_str()
-                            .expect("ack value is a string")
-                            .to_string(),
-                    );
-                    buf.drain(..used);
-                }
-                Err(_) => break,
+            let mut acks = vec![];
+            loop {
+                let mut r = &self.buf[..];
+                let Ok(v) = rmpv::decode::read_value(&mut r) else {
+                    break;
+                };
+                let used = self.buf.len() - r.len();
+                let map = v.as_map().expect("an ack is a map");
+                assert_eq!(map.len(), 1);
+                assert_eq!(map[0].0.as_str(), Some("ack"));
+                acks.push(
+                    map[0]
+                        .1
+                        .as_str()
+                        .expect("ack value is a string")
+                        .to_string(),
+                );
+                self.buf.drain(..used);
             }
+            if !acks.is_empty() {
+                return acks;
+            }
+            let k = self.conn.read(&mut tmp).expect("reading acks");
+            assert!(k > 0, "connection closed while waiting for acks");
+            self.buf.extend_from_slice(&tmp[..k]);
         }
+    }
+}
+
+/// Reads `{"ack": chunk}` replies until at least `n` have arrived; returns their chunk ids.
+pub fn read_acks(s: &mut TcpStream, n: usize) -> Vec<String> {
+    let mut r = AckReader::new(s.try_clone().unwrap());
+    let mut acks = vec![];
+    while acks.len() < n {
+        acks.extend(r.some());
     }
     acks
 }

@@ -7,6 +7,9 @@ mod bad_input;
 mod cli;
 mod clients;
 mod emulators;
+#[path = "../support/fake_aws.rs"]
+mod fake_aws;
+mod faults;
 mod forward;
 mod frames;
 mod harness;

@@ -70,7 +70,11 @@ impl Fake {
         let step = u128::MAX / shards as u128;
         let shards: Vec<(String, u128, u128)> = (0..shards as u128)
             .map(|i| {
-                let end = if i + 1 == shards as u128 { u128::MAX } else { (i + 1) * step - 1 };
+                let end = if i + 1 == shards as u128 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                };
                 (format!("shardId-{i:012}"), i * step, end)
             })
             .collect();
@@ -99,7 +103,12 @@ impl Fake {
                 std::thread::spawn(move || serve(conn, &shared));
             }
         });
-        Fake { addr, faults, seen, stop }
+        Fake {
+            addr,
+            faults,
+            seen,
+            stop,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -131,7 +140,10 @@ impl Shared {
     }
 
     fn shard_of(&self, hash: u128) -> usize {
-        self.shards.iter().position(|s| s.1 <= hash && hash <= s.2).unwrap_or(0)
+        self.shards
+            .iter()
+            .position(|s| s.1 <= hash && hash <= s.2)
+            .unwrap_or(0)
     }
 }
 
@@ -185,7 +197,10 @@ fn serve(conn: TcpStream, shared: &Shared) {
 }
 
 fn error(status: u16, kind: &str) -> (u16, Value) {
-    (status, json!({"__type": kind, "message": "injected by the fake"}))
+    (
+        status,
+        json!({"__type": kind, "message": "injected by the fake"}),
+    )
 }
 
 fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, Value) {
@@ -195,7 +210,11 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
         .get("StreamName")
         .or_else(|| req.get("DeliveryStreamName"))
         .and_then(Value::as_str)
-        .or_else(|| req.get("StreamARN").and_then(Value::as_str).and_then(|a| a.rsplit('/').next()))
+        .or_else(|| {
+            req.get("StreamARN")
+                .and_then(Value::as_str)
+                .and_then(|a| a.rsplit('/').next())
+        })
         .unwrap_or_default()
         .to_string();
     match op {
@@ -236,7 +255,11 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                     return error(500, "InternalFailure");
                 }
             }
-            let records = req.get("Records").and_then(Value::as_array).cloned().unwrap_or_default();
+            let records = req
+                .get("Records")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             let mut results = Vec::with_capacity(records.len());
             let mut failed = 0;
             let mut seen = shared.seen.lock().unwrap();
@@ -246,11 +269,18 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                     .and_then(Value::as_str)
                     .and_then(|d| aws_smithy_types::base64::decode(d).ok())
                     .unwrap_or_default();
-                let key = r.get("PartitionKey").and_then(Value::as_str).unwrap_or_default();
+                let key = r
+                    .get("PartitionKey")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 if shared.chance(faults.throttle_records) {
                     failed += 1;
                     seen.throttled_records += 1;
-                    let code = if op == "PutRecords" { "ProvisionedThroughputExceededException" } else { "ServiceUnavailableException" };
+                    let code = if op == "PutRecords" {
+                        "ProvisionedThroughputExceededException"
+                    } else {
+                        "ServiceUnavailableException"
+                    };
                     results.push(json!({"ErrorCode": code, "ErrorMessage": "injected"}));
                     continue;
                 }
@@ -277,9 +307,15 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                 }
             }
             if op == "PutRecords" {
-                (200, json!({"FailedRecordCount": failed, "Records": results}))
+                (
+                    200,
+                    json!({"FailedRecordCount": failed, "Records": results}),
+                )
             } else {
-                (200, json!({"FailedPutCount": failed, "Encrypted": false, "RequestResponses": results}))
+                (
+                    200,
+                    json!({"FailedPutCount": failed, "Encrypted": false, "RequestResponses": results}),
+                )
             }
         }
         _ => error(400, "UnknownOperationException"),

@@ -1,0 +1,306 @@
+//! What the emulators cannot do, against the fault-injecting fake: partial failures,
+//! throttled requests, 5xx, a 10 s outage, and permanent refusals. Nothing is lost, nothing
+//! accepted is sent twice, the concurrency limit and the shard rates drop and recover, and
+//! refused records land in the dead-letter directory or the route's fallback sink.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::fake_aws::{Fake, Faults, wait_seen};
+use crate::frames::{AckReader, Mode, Time, connect, frame, read_acks, record};
+use crate::harness::{PATIENCE, Sluice};
+
+const CONFIG: &str = r#"
+[engine]
+workers = 2
+stats_interval = "250ms"
+dead_letter_dir = "{dir}/dead"
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+
+[sinks.events]
+type = "kinesis"
+stream = "events"
+endpoint = "{endpoint}"
+linger = "50ms"
+max_concurrency = 32
+
+[sinks.gone]
+type = "kinesis"
+stream = "missing"
+endpoint = "{endpoint}"
+linger = "50ms"
+
+[sinks.gone_too]
+type = "firehose"
+delivery_stream = "also-missing"
+endpoint = "{endpoint}"
+line_packing = false
+linger = "50ms"
+
+[sinks.spill]
+type = "file"
+path = "{dir}/spill.ndjson"
+linger = "50ms"
+
+[[routes]]
+match = "gone.**"
+sinks = "gone"
+
+[[routes]]
+match = "spill.**"
+sinks = "gone_too"
+fallback = "spill"
+
+[[routes]]
+match = "**"
+sinks = "events"
+"#;
+
+/// Sends acked frames of 25 events about 20 times a second until `stop`; returns how
+/// many events it sent (all acked by then).
+fn keep_sending(addr: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) -> usize {
+    let mut conn = connect(addr);
+    let frames = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (mut acks, frames, stop) = (
+            AckReader::new(conn.try_clone().unwrap()),
+            frames.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !(stop.load(Ordering::Relaxed) && n >= frames.load(Ordering::Relaxed)) {
+                if n < frames.load(Ordering::Relaxed) {
+                    n += acks.some().len();
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            n
+        })
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let base = sent.load(Ordering::Relaxed);
+        let events: Vec<_> = (base..base + 25)
+            .map(|k| (Time::Int(1), record("f", k, 200)))
+            .collect();
+        let f = frames.load(Ordering::Relaxed);
+        conn.write_all(&frame(
+            Mode::PackedBin,
+            "app",
+            &events,
+            Some(&format!("c{f}")),
+        ))
+        .unwrap();
+        sent.fetch_add(25, Ordering::Relaxed);
+        frames.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        reader.join().unwrap(),
+        frames.load(Ordering::Relaxed),
+        "every chunk acked"
+    );
+    sent.load(Ordering::Relaxed)
+}
+
+/// Every `sink.events.<key>` value of every Stats line so far, in order.
+fn series(s: &Sluice, key: &str) -> Vec<u64> {
+    s.logs()
+        .iter()
+        .filter(|l| l.contains("Stats "))
+        .filter_map(|l| crate::harness::field(l, key).and_then(|v| v.parse().ok()))
+        .collect()
+}
+
+#[test]
+fn throttles_failures_and_an_outage_lose_nothing_and_resend_nothing_accepted() {
+    let fake = Fake::start(2, &["events"], true);
+    let mut s = Sluice::start("faults", &CONFIG.replace("{endpoint}", &fake.endpoint()));
+    let (stop, sent) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let client = {
+        let (addr, stop, sent) = (s.addr("fwd"), stop.clone(), sent.clone());
+        std::thread::spawn(move || keep_sending(addr, stop, sent))
+    };
+    let phase = |what: &str, faults: Faults, secs: u64| {
+        eprintln!("phase: {what}");
+        fake.set(faults);
+        std::thread::sleep(Duration::from_secs(secs));
+    };
+    phase("normal", Faults::default(), 4);
+    let before = series(&s, "sink.events.concurrency");
+    let warm = *before.iter().max().unwrap();
+    phase(
+        "30% of records throttled",
+        Faults {
+            throttle_records: 0.3,
+            ..Faults::default()
+        },
+        4,
+    );
+    let shard_rates_in_b: Vec<u64> = series(&s, "sink.events.shard.shardId-000000000000.rate");
+    phase(
+        "half the requests throttled",
+        Faults {
+            throttle_requests: 0.5,
+            ..Faults::default()
+        },
+        3,
+    );
+    let during = series(&s, "sink.events.concurrency");
+    phase(
+        "half the requests fail with 500",
+        Faults {
+            server_errors: 0.5,
+            ..Faults::default()
+        },
+        2,
+    );
+    phase(
+        "a 10 s outage",
+        Faults {
+            outage_until: Some(Instant::now() + Duration::from_secs(10)),
+            ..Faults::default()
+        },
+        10,
+    );
+    phase("normal again", Faults::default(), 6);
+    stop.store(true, Ordering::Relaxed);
+    let n = client.join().unwrap_or_else(|_| {
+        let logs = s.logs();
+        panic!(
+            "the client failed; sluice's log ends:\n{}",
+            logs[logs.len().saturating_sub(40)..].join("\n")
+        )
+    });
+
+    // Every event accepted exactly once: nothing lost, nothing accepted sent again.
+    wait_seen(&fake, "every event", PATIENCE, |seen| {
+        seen.records as usize >= n
+    });
+    let seen = fake.seen.lock().unwrap();
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    for d in &seen.data {
+        let ev: serde_json::Value = serde_json::from_slice(d).unwrap();
+        *count.entry(ev["seq"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(count.len(), n, "every event arrived");
+    let twice: Vec<_> = count.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(twice.is_empty(), "accepted records sent again: {twice:?}");
+    eprintln!(
+        "{n} events; fake saw {} requests, {} records throttled, {} requests throttled, {} 500s, {} connections dropped",
+        seen.requests,
+        seen.throttled_records,
+        seen.throttled_requests,
+        seen.server_errors,
+        seen.dropped_connections
+    );
+    assert!(
+        seen.throttled_records > 0
+            && seen.throttled_requests > 0
+            && seen.server_errors > 0
+            && seen.dropped_connections > 0
+    );
+    drop(seen);
+
+    // The concurrency limit grew, fell under throttling, and grew back.
+    let after = series(&s, "sink.events.concurrency");
+    let low = *during[before.len()..].iter().min().unwrap();
+    let end = *after.last().unwrap();
+    eprintln!("concurrency: warm {warm}, low {low} while throttled, {end} at the end");
+    assert!(warm > 4, "the limit grew while all went well: {before:?}");
+    assert!(low < warm, "the limit fell under throttling");
+    assert!(end > low, "the limit grew back: {after:?}");
+
+    // The shard rates fell on the throttled records and recovered.
+    let rates = series(&s, "sink.events.shard.shardId-000000000000.rate");
+    let fell = *shard_rates_in_b.iter().min().unwrap();
+    eprintln!(
+        "shard 0 rate: fell to {fell}, ends at {}",
+        rates.last().unwrap()
+    );
+    assert!(fell < 900, "the shard's rate fell: {shard_rates_in_b:?}");
+    assert_eq!(*rates.last().unwrap(), 900, "and recovered to the headroom");
+    let stats = s.stats();
+    assert!(stats["sink.events.throttles"] > 0 && stats["sink.events.retries"] > 0);
+    assert!(stats["sink.events.failed.ProvisionedThroughputExceededException"] > 0);
+    s.assert_healthy();
+}
+
+#[test]
+fn permanent_refusals_go_to_the_dead_letter_directory_or_the_fallback() {
+    let fake = Fake::start(2, &["events"], true);
+    let mut s = Sluice::start("refused", &CONFIG.replace("{endpoint}", &fake.endpoint()));
+    let mut conn = connect(s.addr("fwd"));
+    let dead: Vec<_> = (0..60)
+        .map(|k| (Time::Int(1), record("dead", k, 200)))
+        .collect();
+    conn.write_all(&frame(Mode::PackedBin, "gone.away", &dead, Some("d1")))
+        .unwrap();
+    let spilled: Vec<_> = (0..40)
+        .map(|k| (Time::Int(1), record("spill", k, 200)))
+        .collect();
+    conn.write_all(&frame(Mode::Forward, "spill.over", &spilled, Some("s1")))
+        .unwrap();
+    // Records set down safely are acked like delivered ones.
+    let mut acks = read_acks(&mut conn, 2);
+    acks.sort();
+    assert_eq!(acks, ["d1", "s1"]);
+
+    // Kinesis said the stream does not exist: every record is in the dead-letter files.
+    let dir = s.dir.join("dead/gone");
+    let mut records = Vec::new();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        let mut lines = text.lines();
+        let head: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert!(
+            head["reason"]
+                .as_str()
+                .unwrap()
+                .contains("ResourceNotFoundException"),
+            "{head}"
+        );
+        for l in lines {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(r["partition_key"].as_str().unwrap().len(), 32);
+            let data = aws_smithy_types::base64::decode(r["data"].as_str().unwrap()).unwrap();
+            records.push(
+                serde_json::json!({"shard": "dead", "data": String::from_utf8(data).unwrap()}),
+            );
+        }
+    }
+    crate::kinesis::exactly_once(&records, "dead", 60);
+    let stats = s.wait_stat("sink.gone.dead_lettered", |n| n == 60);
+    assert_eq!(
+        stats["sink.gone.failed"], 0,
+        "a refused request fails no record by code"
+    );
+
+    // Firehose refused too, and that route falls back to a file sink.
+    let spill = crate::harness::wait_json_lines(&mut s, "spill", 40);
+    crate::harness::assert_exactly_once(
+        &spill
+            .iter()
+            .map(|v| serde_json::json!({"tag": "x", "client": v["client"], "seq": v["seq"]}))
+            .collect::<Vec<_>>(),
+        "x",
+        "spill",
+        40,
+    );
+    s.wait_stat("sink.gone_too.fallback", |n| n == 40);
+    s.wait_log("dead-letter log", |l| {
+        l.contains("Dead-lettered records") && l.contains("ResourceNotFoundException")
+    });
+    s.assert_healthy();
+}
