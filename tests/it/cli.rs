@@ -6,7 +6,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::emulators::Emulator;
 use crate::harness::{BIN, Opts, Sluice, scratch_dir};
+use crate::kinesis::{exactly_once, send_acked};
 
 fn sluice(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run sluice")
@@ -73,18 +75,73 @@ fn validate_accepts_good_files_and_names_the_key_in_bad_ones() {
     );
 }
 
-/// The classic Fargate aggregator, translated. It routes to Firehose, which arrives with
-/// the next release; until then validation says so, naming the sink.
+/// The example and the embedded default both listen on 24224, so they take turns.
+static PORT_24224: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The classic Fargate aggregator, translated: it validates, and it runs against moto
+/// with nothing changed but the endpoint, which comes from the SDK's own
+/// `AWS_ENDPOINT_URL`.
 #[test]
-fn fargate_example_waits_for_the_firehose_sink() {
+fn fargate_example_validates_and_runs_against_moto() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fargate-aggregator.toml");
     let o = sluice(&["validate", path.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
+    assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(
-        t.contains("\"firehose\" sinks are not available in this version yet"),
-        "{t}"
+    for want in [
+        "sink elasticsearch: firehose delivery stream elasticsearch-delivery-stream",
+        "route 2: health* -> drop",
+    ] {
+        assert!(t.contains(want), "validate lacks {want:?}:\n{t}");
+    }
+
+    let moto = Emulator::moto();
+    for (stream, bucket) in [
+        ("elasticsearch-delivery-stream", "frontend-logs"),
+        ("s3-delivery-stream", "backend-logs"),
+    ] {
+        moto.tool(&["create-bucket", bucket]);
+        moto.tool(&["create-delivery-stream", stream, bucket]);
+    }
+    let _port = PORT_24224.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = Sluice::spawn(
+        scratch_dir("fargate"),
+        &["run".into(), "--config".into(), path.into_os_string()],
+        Opts {
+            env: vec![("AWS_ENDPOINT_URL", moto.endpoint.clone())],
+            ..Opts::default()
+        },
     );
+    assert_eq!(s.addr("forward").port(), 24224);
+    let fwd = s.addr("forward");
+    std::thread::scope(|scope| {
+        for (tag, n) in [
+            ("frontend-web", 300),
+            ("backend-api", 200),
+            ("health-check", 50),
+        ] {
+            scope.spawn(move || send_acked(fwd, tag, tag, n));
+        }
+    });
+    for (bucket, client, n) in [
+        ("frontend-logs", "frontend-web", 300),
+        ("backend-logs", "backend-api", 200),
+    ] {
+        let data = moto.tool(&["read-bucket", bucket]);
+        let records = vec![serde_json::json!({"shard": bucket, "data": data})];
+        exactly_once(&records, client, n);
+        assert!(!data.contains("health-check"), "health events go nowhere");
+    }
+    // The example keeps the default stats interval (a minute); the final line has it all.
+    let (status, logs) = s.stop();
+    assert!(status.success(), "{status}\n{}", logs.join("\n"));
+    let last = logs.iter().find(|l| l.contains("Final stats")).unwrap();
+    for want in [
+        "sink.drop.events=50",
+        "sink.elasticsearch.events=300",
+        "sink.s3.events=200",
+    ] {
+        assert!(last.contains(want), "{want}: {last}");
+    }
 }
 
 #[test]
@@ -97,6 +154,7 @@ fn local_example_validates() {
 /// `sluice` with no arguments: Forward on 24224 and JSON lines on 5170, to stdout.
 #[test]
 fn embedded_default_config_prints_events_to_stdout() {
+    let _port = PORT_24224.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = Sluice::spawn(
         scratch_dir("default"),
         &[],
