@@ -103,7 +103,7 @@ fn fargate_example_validates_and_runs_against_moto() {
         moto.tool(&["create-delivery-stream", stream, bucket]);
     }
     let _port = PORT_24224.lock().unwrap_or_else(|e| e.into_inner());
-    let mut s = Sluice::spawn(
+    let s = Sluice::spawn(
         scratch_dir("fargate"),
         &["run".into(), "--config".into(), path.into_os_string()],
         Opts {

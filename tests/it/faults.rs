@@ -65,7 +65,7 @@ sinks = "events"
 
 /// Sends acked frames of 25 events about 20 times a second until `stop`; returns how
 /// many events it sent (all acked by then).
-fn keep_sending(addr: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) -> usize {
+pub fn keep_sending(addr: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) -> usize {
     let mut conn = connect(addr);
     let frames = Arc::new(AtomicUsize::new(0));
     let reader = {

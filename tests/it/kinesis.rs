@@ -254,3 +254,81 @@ fn firehose_into_s3_on_moto_packs_lines() {
     );
     s.assert_healthy();
 }
+
+const RESHARD: &str = r#"
+[engine]
+workers = 2
+stats_interval = "250ms"
+dead_letter_dir = "{dir}/dead"
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+
+[sinks.k]
+type = "kinesis"
+stream = "resharded"
+endpoint = "{endpoint}"
+partition_key = "explicit"
+linger = "100ms"
+
+[[routes]]
+match = "**"
+sinks = "k"
+"#;
+
+/// The stream goes from 2 shards to 4 while events flow. The scheduled refresh is a
+/// minute away, so the new map can only come from records landing on shards other than
+/// the predicted ones.
+#[test]
+fn resharding_mid_run_on_kinesis_local_loses_nothing_and_spreads_evenly() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let kl = Emulator::kinesis_local();
+    kl.tool(&["create-stream", "resharded", "2"]);
+    let mut s = Sluice::start("reshard", &RESHARD.replace("{endpoint}", &kl.endpoint));
+    s.wait_log("ready", |l| {
+        l.contains("Kinesis sink ready") && l.contains("shards=2")
+    });
+    let (stop, sent) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let client = {
+        let (addr, stop, sent) = (s.addr("fwd"), stop.clone(), sent.clone());
+        std::thread::spawn(move || crate::faults::keep_sending(addr, stop, sent))
+    };
+    s.wait_stat("sink.k.events", |n| n >= 1000);
+    kl.tool(&["update-shard-count", "resharded", "4"]);
+    let at = s.wait_stat("sink.k.shard_refreshes", |n| n == 1)["sink.k.events"];
+    s.wait_log("new map", |l| {
+        l.contains("The stream's shards changed") && l.contains("shards=4")
+    });
+    s.wait_stat("sink.k.events", |n| n >= at + 2000);
+    stop.store(true, Ordering::Relaxed);
+    let n = client.join().expect("every chunk acked");
+
+    let records = kl.read_stream("resharded", None);
+    let per_shard = exactly_once(&records, "f", n);
+    let open: Vec<String> = kl
+        .tool(&["shards", "resharded"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|s| s["open"] == true)
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    eprintln!("{n} events over the reshard; per shard: {per_shard:?}; open now: {open:?}");
+    assert_eq!(open.len(), 4);
+    let new: Vec<usize> = open
+        .iter()
+        .map(|id| per_shard.get(id).copied().unwrap_or(0))
+        .collect();
+    let mean = new.iter().sum::<usize>() / 4;
+    assert!(mean >= 400, "enough events on the new shards: {new:?}");
+    assert!(
+        new.iter().all(|&c| c.abs_diff(mean) <= mean / 10),
+        "the new shards share the load evenly: {new:?}"
+    );
+    s.assert_healthy();
+}
