@@ -5,6 +5,8 @@
 
 use md5::{Digest, Md5};
 
+use crate::batch::records::Rng;
+
 /// One open shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -13,11 +15,32 @@ pub struct Shard {
     pub end: u128,
 }
 
-/// The open shards of a stream, sorted by hash range.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The open shards of a stream, sorted by hash range, each with a partition key that
+/// Kinesis sends to it.
+#[derive(Clone, Debug)]
 pub struct ShardMap {
     shards: Vec<Shard>,
+    /// The shards' range starts, apart, so that a lookup in thousands of shards stays in
+    /// cache.
+    starts: Vec<u128>,
+    /// A partition key whose MD5 falls in each shard's range, found by trying random keys;
+    /// `None` for a shard too narrow to find one in [`KEY_TRIES`] tries per shard.
+    keys: Vec<Option<[u8; KEY_LEN]>>,
 }
+
+/// Two maps are the same when their shards are; the keys are only one choice of many.
+impl PartialEq for ShardMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.shards == other.shards
+    }
+}
+
+const KEY_LEN: usize = 32;
+
+/// Random keys tried per shard, in all, to find each shard a key. Shards from even splits
+/// need about ln(shards) each; a shard this rarely hit is narrower than 1/4096 of its
+/// share of the hash space.
+const KEY_TRIES: usize = 64;
 
 impl ShardMap {
     /// A map from `ListShards` results; shards with overlapping ranges (a parent and its
@@ -32,7 +55,39 @@ impl ShardMap {
             });
         }
         shards.sort_by_key(|s| s.start);
-        ShardMap { shards }
+        let mut map = ShardMap {
+            keys: vec![None; shards.len()],
+            starts: shards.iter().map(|s| s.start).collect(),
+            shards,
+        };
+        map.find_keys();
+        map
+    }
+
+    /// Finds each shard a partition key by hashing random ones.
+    fn find_keys(&mut self) {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let mut rng = Rng::new(seed);
+        let (mut missing, mut key) = (self.shards.len(), Vec::with_capacity(KEY_LEN));
+        for _ in 0..KEY_TRIES * self.shards.len() {
+            key.clear();
+            rng.key(&mut key);
+            let i = self.shard_of(hash_key(&key));
+            if self.keys[i].is_none() {
+                self.keys[i] = Some(key[..].try_into().expect("32 hex digits"));
+                missing -= 1;
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A partition key that Kinesis sends to shard `i`, if one was found.
+    pub fn key_for(&self, i: usize) -> Option<&[u8]> {
+        self.keys[i].as_ref().map(|k| &k[..])
     }
 
     /// Until the stream's shards are known: one shard over the whole hash space.
@@ -54,7 +109,7 @@ impl ShardMap {
 
     /// The index of the shard whose range holds `hash`.
     pub fn shard_of(&self, hash: u128) -> usize {
-        let i = self.shards.partition_point(|s| s.start <= hash);
+        let i = self.starts.partition_point(|&s| s <= hash);
         i.saturating_sub(1)
     }
 
@@ -109,6 +164,33 @@ mod tests {
             }
         }
         assert_eq!(ShardMap::unknown().shard_of(42), 0);
+    }
+
+    #[test]
+    fn every_shard_gets_a_key_that_lands_on_it() {
+        for n in [1, 2, 7, 4096] {
+            let m = even(n);
+            for i in 0..n as usize {
+                let k = m.key_for(i).expect("a key for every even shard");
+                assert_eq!(m.shard_of(hash_key(k)), i);
+            }
+        }
+        // A sliver of the hash space gets no key: aggregates for it use an explicit hash key.
+        let m = ShardMap::new(vec![
+            Shard {
+                id: "wide".into(),
+                start: 0,
+                end: u128::MAX - 1000,
+            },
+            Shard {
+                id: "sliver".into(),
+                start: u128::MAX - 999,
+                end: u128::MAX,
+            },
+        ]);
+        assert!(m.key_for(0).is_some() && m.key_for(1).is_none());
+        let again = ShardMap::new(m.shards().to_vec());
+        assert_eq!(m, again, "maps compare by shards, not keys");
     }
 
     #[test]

@@ -463,7 +463,7 @@ impl Batcher {
             }
             let agg = self.record.expect("opened above");
             let at = self.open.data.len();
-            let Some(len) = self.encode_inner(&mut encode) else {
+            let Some(len) = self.encode_inner(agg.hash.is_some(), &mut encode) else {
                 self.open.data.truncate(at);
                 // Only text routes without their field write nothing.
                 return Wrote::not(Encoded::MissingLogKey);
@@ -502,49 +502,75 @@ impl Batcher {
         }
     }
 
-    /// Starts an aggregate: magic, the key tables, and its key and shard.
+    /// Starts an aggregate for the next shard, round robin: the magic, then the key
+    /// tables. The partition key is one whose MD5 lands on that shard, so the aggregate and
+    /// every record in it map there with no explicit hash key, and each inner record costs
+    /// 8 bytes of framing. For a shard too narrow to have such a key, a random key and an
+    /// explicit hash key table, which inner records then point to as well.
     fn open_aggregate(&mut self) {
         let start = self.open.data.len();
         let key_start = self.open.keys.len() as u32;
-        self.rng.key(&mut self.open.keys);
+        let n = self.shards.len().max(1);
+        let i = self.next_shard % n;
+        let hash = match self.shards.key_for(i) {
+            Some(k) => {
+                self.next_shard = (i + 1) % n;
+                self.open.keys.extend_from_slice(k);
+                None
+            }
+            None => {
+                self.rng.key(&mut self.open.keys);
+                Some(self.spread())
+            }
+        };
         let key_end = self.open.keys.len() as u32;
-        let hash = self.spread();
         let d = &mut self.open.data;
         d.extend_from_slice(&KPL_MAGIC);
         // field 1, partition_key_table: the aggregate's key
         d.push(0x0a);
         records::push_varint(d, (key_end - key_start) as usize);
         d.extend_from_slice(&self.open.keys[key_start as usize..key_end as usize]);
-        // field 2, explicit_hash_key_table: the decimal hash key
-        let ehk = itoa::Buffer::new().format(hash).as_bytes().to_vec();
-        d.push(0x12);
-        records::push_varint(d, ehk.len());
-        d.extend_from_slice(&ehk);
+        if let Some(hash) = hash {
+            // field 2, explicit_hash_key_table: the decimal hash key
+            let mut buf = itoa::Buffer::new();
+            let ehk = buf.format(hash).as_bytes();
+            d.push(0x12);
+            records::push_varint(d, ehk.len());
+            d.extend_from_slice(ehk);
+        }
         self.record = Some(Open {
             start,
             events: 0,
             key_start,
             key_end,
-            hash: Some(hash),
+            hash,
         });
     }
 
     /// Encodes one inner record, `records` (field 3): `Record { partition_key_index: 0,
-    /// explicit_hash_key_index: 0, data }`. The two length prefixes are sized from the last
-    /// event's length, so the bytes move only when that guess is off. Returns the data
-    /// length, or `None` if nothing was encoded.
+    /// [explicit_hash_key_index: 0,] data }`. The two length prefixes are sized from the
+    /// last event's length, so the bytes move only when that guess is off. Returns the
+    /// data length, or `None` if nothing was encoded.
     fn encode_inner<'k>(
         &mut self,
+        ehk: bool,
         encode: &mut impl FnMut(&mut Vec<u8>) -> Out<'k>,
     ) -> Option<usize> {
         use records::{put_varint, varint_len};
+        // partition_key_index 0, [explicit_hash_key_index 0,] then data's tag
+        let head: &[u8] = if ehk {
+            &[0x08, 0x00, 0x10, 0x00, 0x1a]
+        } else {
+            &[0x08, 0x00, 0x1a]
+        };
+        let h = head.len();
         let guess = self.last_len;
-        let (vd, vr) = (varint_len(guess), varint_len(5 + varint_len(guess) + guess));
+        let (vd, vr) = (varint_len(guess), varint_len(h + varint_len(guess) + guess));
         let d = &mut self.open.data;
         let at = d.len();
         d.push(0x1a);
         d.resize(d.len() + vr, 0);
-        d.extend_from_slice(&[0x08, 0x00, 0x10, 0x00, 0x1a]);
+        d.extend_from_slice(head);
         d.resize(d.len() + vd, 0);
         let body = d.len();
         if encode(d).encoded != Encoded::Written {
@@ -552,19 +578,19 @@ impl Batcher {
         }
         let len = d.len() - body;
         let vd2 = varint_len(len);
-        let rec_len = 5 + vd2 + len;
+        let rec_len = h + vd2 + len;
         let vr2 = varint_len(rec_len);
         if (vd2, vr2) != (vd, vr) {
-            let new_body = at + 1 + vr2 + 5 + vd2;
+            let new_body = at + 1 + vr2 + h + vd2;
             if new_body > body {
                 d.resize(new_body + len, 0);
             }
             d.copy_within(body..body + len, new_body);
             d.truncate(new_body + len);
-            d[at + 1 + vr2..at + 1 + vr2 + 5].copy_from_slice(&[0x08, 0x00, 0x10, 0x00, 0x1a]);
+            d[at + 1 + vr2..at + 1 + vr2 + h].copy_from_slice(head);
         }
         put_varint(&mut d[at + 1..at + 1 + vr2], rec_len);
-        put_varint(&mut d[at + 1 + vr2 + 5..at + 1 + vr2 + 5 + vd2], len);
+        put_varint(&mut d[at + 1 + vr2 + h..at + 1 + vr2 + h + vd2], len);
         Some(len)
     }
 
@@ -622,9 +648,12 @@ impl Batcher {
         self.push_held();
     }
 
-    /// Seals the open batch if it carries chunks waiting for their acks.
+    /// Seals the open batch if it carries chunks waiting for their acks and nothing of
+    /// this batcher is on its way. Otherwise the batch grows until the batches on their way
+    /// come back (`recycle` seals it then): a group commit, so that senders waiting on acks
+    /// get them within one round trip while busy sinks still get full requests.
     pub fn seal_if_acks_wait(&mut self) {
-        if !self.open.tickets.is_empty() {
+        if !self.open.tickets.is_empty() && self.in_flight == 0 && self.held.is_empty() {
             self.seal();
         }
     }
@@ -682,6 +711,7 @@ impl Batcher {
             b.clear();
             self.spare.push(b);
         }
+        self.seal_if_acks_wait();
     }
 
     /// Batches not settled yet: open with events, held, or in flight.
@@ -699,6 +729,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::ring::ring;
+    use crate::shards::hash_key;
 
     fn put(b: &mut Batcher, bytes: &[u8], ticket: Option<Ticket>) -> Wrote {
         b.write(ticket, |out| {
@@ -989,8 +1020,9 @@ mod tests {
         out
     }
 
-    /// Checks a KPL aggregate and returns its inner records' data.
-    fn deaggregate(agg: &[u8], hash: u128) -> Vec<Vec<u8>> {
+    /// Checks a KPL aggregate sent with `key` and `hash` and returns its inner records'
+    /// data.
+    fn deaggregate(agg: &[u8], key: &str, hash: Option<u128>) -> Vec<Vec<u8>> {
         use md5::{Digest, Md5};
         assert_eq!(agg[..4], KPL_MAGIC);
         let (proto, md5) = agg[4..].split_at(agg.len() - 4 - 16);
@@ -998,15 +1030,26 @@ mod tests {
         let mut data = vec![];
         for (field, wire, value) in fields(proto) {
             match field {
-                1 => assert_eq!(value.len(), 32, "partition key table"),
-                2 => assert_eq!(std::str::from_utf8(&value).unwrap(), hash.to_string()),
+                1 => assert_eq!(value, key.as_bytes(), "partition key table"),
+                2 => assert_eq!(
+                    std::str::from_utf8(&value).unwrap(),
+                    hash.expect("a hash key table only with an explicit hash key")
+                        .to_string()
+                ),
                 3 => {
                     assert_eq!(wire, 2);
                     let inner = fields(&value);
-                    assert_eq!(inner[0].0, 1, "partition_key_index");
-                    assert_eq!(inner[1].0, 2, "explicit_hash_key_index");
-                    assert_eq!(inner[2].0, 3);
-                    data.push(inner[2].2.clone());
+                    let want: &[u64] = if hash.is_some() { &[1, 2, 3] } else { &[1, 3] };
+                    let got: Vec<u64> = inner.iter().map(|f| f.0).collect();
+                    assert_eq!(
+                        got, want,
+                        "partition_key_index, [explicit_hash_key_index,] data"
+                    );
+                    assert!(
+                        inner[..inner.len() - 1].iter().all(|f| f.2 == [0; 8]),
+                        "index 0"
+                    );
+                    data.push(inner.last().unwrap().2.clone());
                 }
                 f => panic!("field {f}"),
             }
@@ -1021,35 +1064,52 @@ mod tests {
             shape: RecordShape::Aggregated,
             ..KINESIS
         };
-        let (mut b, c) = records(f);
-        let map = four_shards();
-        b.set_shards(map.clone());
-        // Sizes around the varint boundaries (127/128, 16383/16384 are beyond a record).
-        let events: Vec<Vec<u8>> = (0..300)
-            .map(|i| vec![b'a' + (i % 26) as u8; [5, 126, 127, 128, 129, 300, 1000][i % 7]])
-            .collect();
-        for e in &events {
-            event(&mut b, e, None);
-        }
-        b.seal();
-        let mut got = vec![];
-        let mut per = [0; 4];
-        for batch in drain(&c) {
-            for r in &batch.records {
-                assert!(!r.oversize);
-                assert!((r.end - r.start + r.key_end - r.key_start) as usize <= 4096);
-                let h = r.hash.unwrap();
-                per[map.shard_of(h)] += 1;
-                let inner = deaggregate(batch.data_of(r), h);
-                assert_eq!(inner.len(), r.events as usize);
-                got.extend(inner);
+        // Four even shards, each with a key that lands on it; and one shard too narrow to
+        // find a key for, whose aggregates carry an explicit hash key instead.
+        let sliver = Arc::new(ShardMap::new(vec![
+            crate::shards::Shard {
+                id: "wide".into(),
+                start: 0,
+                end: u128::MAX - 1000,
+            },
+            crate::shards::Shard {
+                id: "sliver".into(),
+                start: u128::MAX - 999,
+                end: u128::MAX,
+            },
+        ]));
+        for map in [four_shards(), sliver] {
+            let (mut b, c) = records(f);
+            b.set_shards(map.clone());
+            // Sizes around the varint boundaries (127/128, 16383/16384 are beyond a record).
+            let events: Vec<Vec<u8>> = (0..300)
+                .map(|i| vec![b'a' + (i % 26) as u8; [5, 126, 127, 128, 129, 300, 1000][i % 7]])
+                .collect();
+            for e in &events {
+                event(&mut b, e, None);
             }
+            b.seal();
+            let mut got = vec![];
+            let mut per = vec![0; map.len()];
+            for batch in drain(&c) {
+                for r in &batch.records {
+                    assert!(!r.oversize);
+                    assert!((r.end - r.start + r.key_end - r.key_start) as usize <= 4096);
+                    let key = batch.key_of(r);
+                    let shard = map.shard_of(r.hash.unwrap_or_else(|| hash_key(key.as_bytes())));
+                    assert_eq!(r.hash.is_some(), map.key_for(shard).is_none());
+                    per[shard] += 1;
+                    let inner = deaggregate(batch.data_of(r), key, r.hash);
+                    assert_eq!(inner.len(), r.events as usize);
+                    got.extend(inner);
+                }
+            }
+            assert_eq!(got, events);
+            assert!(
+                per.iter().all(|&n| n > 0),
+                "aggregates spread over the shards: {per:?}"
+            );
         }
-        assert_eq!(got, events);
-        assert!(
-            per.iter().all(|&n| n > 0),
-            "aggregates spread over the shards: {per:?}"
-        );
     }
 
     #[test]
@@ -1078,6 +1138,6 @@ mod tests {
             .read_to_end(&mut agg)
             .unwrap();
         assert!(agg.len() > 3 * (r.end - r.start) as usize, "compressed");
-        assert_eq!(deaggregate(&agg, r.hash.unwrap()), events);
+        assert_eq!(deaggregate(&agg, batch.key_of(&r), r.hash), events);
     }
 }

@@ -341,17 +341,19 @@ impl AwsSink {
         hot: &[usize],
     ) {
         let mut stale = false;
-        let mut took: Vec<usize> = Vec::new();
+        let mut skipped = vec![false; pending.len()];
+        for &p in skip {
+            skipped[p] = true;
+        }
+        let mut took: Vec<usize> = Vec::with_capacity(pending.len());
         for (p, &i) in pending.iter().enumerate() {
-            if skip.contains(&p) {
+            if skipped[p] {
                 continue;
             }
             let r = &batch.records[i];
             s.c.records += 1;
             s.c.bytes += (r.end - r.start) as u64;
-            if !took.contains(&shards[p]) {
-                took.push(shards[p]);
-            }
+            took.push(shards[p]);
             if let (Some(Some(got)), Some(want)) = (landed.get(p), s.shards.shards().get(shards[p]))
             {
                 stale |= !want.id.is_empty() && *got != want.id;
@@ -364,7 +366,9 @@ impl AwsSink {
             for &sh in &hot {
                 l.throttled(sh);
             }
-            for sh in took.into_iter().filter(|sh| !hot.contains(sh)) {
+            took.sort_unstable();
+            took.dedup();
+            for sh in took.into_iter().filter(|sh| hot.binary_search(sh).is_err()) {
                 l.succeeded(sh);
             }
         }
@@ -381,7 +385,7 @@ impl AwsSink {
             return (vec![0; pending.len()], vec![]);
         }
         let mut shards = Vec::with_capacity(pending.len());
-        let mut need: Vec<(usize, u64, u64)> = Vec::new();
+        let mut each: Vec<(usize, u64)> = Vec::with_capacity(pending.len());
         for &i in pending {
             let r = &batch.records[i];
             let hash = r
@@ -389,13 +393,18 @@ impl AwsSink {
                 .unwrap_or_else(|| hash_key(batch.key_of(r).as_bytes()));
             let sh = s.shards.shard_of(hash);
             shards.push(sh);
-            let bytes = (r.end - r.start + r.key_end - r.key_start) as u64;
-            match need.iter_mut().find(|n| n.0 == sh) {
-                Some(n) => {
+            each.push((sh, (r.end - r.start + r.key_end - r.key_start) as u64));
+        }
+        // Sorted, so that a request over hundreds of shards stays linear to sum.
+        each.sort_unstable_by_key(|e| e.0);
+        let mut need: Vec<(usize, u64, u64)> = Vec::new();
+        for (sh, bytes) in each {
+            match need.last_mut() {
+                Some(n) if n.0 == sh => {
                     n.1 += 1;
                     n.2 += bytes;
                 }
-                None => need.push((sh, 1, bytes)),
+                _ => need.push((sh, 1, bytes)),
             }
         }
         (shards, need)

@@ -132,12 +132,15 @@ fn throttles_failures_and_an_outage_lose_nothing_and_resend_nothing_accepted() {
         let (addr, stop, sent) = (s.addr("fwd"), stop.clone(), sent.clone());
         std::thread::spawn(move || keep_sending(addr, stop, sent))
     };
-    let phase = |what: &str, faults: Faults, secs: u64| {
-        eprintln!("phase: {what}");
-        fake.set(faults);
-        std::thread::sleep(Duration::from_secs(secs));
-    };
-    phase("normal", Faults::default(), 4);
+    // Each phase lasts `secs`, and then until the fake has injected its fault a few times.
+    let phase =
+        |what: &str, faults: Faults, secs: u64, enough: fn(&crate::fake_aws::Seen) -> bool| {
+            eprintln!("phase: {what}");
+            fake.set(faults);
+            std::thread::sleep(Duration::from_secs(secs));
+            wait_seen(&fake, what, PATIENCE, enough);
+        };
+    phase("normal", Faults::default(), 4, |_| true);
     let before = series(&s, "sink.events.concurrency");
     let warm = *before.iter().max().unwrap();
     phase(
@@ -147,6 +150,7 @@ fn throttles_failures_and_an_outage_lose_nothing_and_resend_nothing_accepted() {
             ..Faults::default()
         },
         4,
+        |seen| seen.throttled_records >= 50,
     );
     let shard_rates_in_b: Vec<u64> = series(&s, "sink.events.shard.shardId-000000000000.rate");
     phase(
@@ -156,6 +160,7 @@ fn throttles_failures_and_an_outage_lose_nothing_and_resend_nothing_accepted() {
             ..Faults::default()
         },
         3,
+        |seen| seen.throttled_requests >= 5,
     );
     let during = series(&s, "sink.events.concurrency");
     phase(
@@ -165,6 +170,7 @@ fn throttles_failures_and_an_outage_lose_nothing_and_resend_nothing_accepted() {
             ..Faults::default()
         },
         2,
+        |seen| seen.server_errors >= 3,
     );
     phase(
         "a 10 s outage",
@@ -173,8 +179,9 @@ fn throttles_failures_and_an_outage_lose_nothing_and_resend_nothing_accepted() {
             ..Faults::default()
         },
         10,
+        |seen| seen.dropped_connections > 0,
     );
-    phase("normal again", Faults::default(), 6);
+    phase("normal again", Faults::default(), 6, |_| true);
     stop.store(true, Ordering::Relaxed);
     let n = client.join().unwrap_or_else(|_| {
         let logs = s.logs();

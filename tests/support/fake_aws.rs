@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// What goes wrong, and how often (fractions of records or requests).
@@ -149,6 +153,7 @@ impl Shared {
 
 /// Serves one keep-alive connection.
 fn serve(conn: TcpStream, shared: &Shared) {
+    let _ = conn.set_nodelay(true);
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
     loop {
@@ -185,38 +190,62 @@ fn serve(conn: TcpStream, shared: &Shared) {
             return;
         }
         let (status, reply) = answer(&target, &body, &faults, shared);
-        let reply = reply.to_string();
-        let head = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nx-amzn-RequestId: fake\r\n\r\n",
+        // One write: a head and body written apart meet Nagle and delayed acks (40 ms).
+        let whole = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nx-amzn-RequestId: fake\r\n\r\n{reply}",
             reply.len()
         );
-        if out.write_all(head.as_bytes()).is_err() || out.write_all(reply.as_bytes()).is_err() {
+        if out.write_all(whole.as_bytes()).is_err() {
             return;
         }
     }
 }
 
-fn error(status: u16, kind: &str) -> (u16, Value) {
-    (
-        status,
-        json!({"__type": kind, "message": "injected by the fake"}),
-    )
+fn error(status: u16, kind: &str) -> (u16, String) {
+    let body = json!({"__type": kind, "message": "injected by the fake"});
+    (status, body.to_string())
 }
 
-fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, Value) {
-    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+/// A request, borrowed from its body so that the fake keeps up with sluice under load.
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "PascalCase")]
+struct Req<'a> {
+    #[serde(borrow)]
+    stream_name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    delivery_stream_name: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "StreamARN")]
+    stream_arn: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    records: Vec<Rec<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Rec<'a> {
+    #[serde(borrow)]
+    data: Cow<'a, str>,
+    #[serde(borrow, default)]
+    partition_key: Cow<'a, str>,
+    #[serde(borrow, default)]
+    explicit_hash_key: Option<Cow<'a, str>>,
+}
+
+/// The length of what base64 `text` decodes to.
+fn decoded_len(text: &str) -> usize {
+    let pad = text.bytes().rev().take_while(|&b| b == b'=').count();
+    text.len() / 4 * 3 - pad
+}
+
+fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, String) {
+    let req: Req = serde_json::from_slice(body).unwrap_or_default();
     let op = target.rsplit('.').next().unwrap_or_default();
     let stream = req
-        .get("StreamName")
-        .or_else(|| req.get("DeliveryStreamName"))
-        .and_then(Value::as_str)
-        .or_else(|| {
-            req.get("StreamARN")
-                .and_then(Value::as_str)
-                .and_then(|a| a.rsplit('/').next())
-        })
-        .unwrap_or_default()
-        .to_string();
+        .stream_name
+        .as_deref()
+        .or(req.delivery_stream_name.as_deref())
+        .or_else(|| req.stream_arn.as_deref().and_then(|a| a.rsplit('/').next()))
+        .unwrap_or_default();
     match op {
         "ListShards" => {
             let shards: Vec<Value> = shared
@@ -227,7 +256,7 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                            "SequenceNumberRange": {"StartingSequenceNumber": "0"}})
                 })
                 .collect();
-            (200, json!({"Shards": shards}))
+            (200, json!({"Shards": shards}).to_string())
         }
         "DescribeDeliveryStream" => (
             200,
@@ -237,86 +266,75 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                 "Destinations": [{"DestinationId": "d-1", "ExtendedS3DestinationDescription": {
                     "RoleARN": "arn:aws:iam::123456789012:role/f", "BucketARN": "arn:aws:s3:::b",
                     "BufferingHints": {"SizeInMBs": 5, "IntervalInSeconds": 300}, "CompressionFormat": "UNCOMPRESSED",
-                    "EncryptionConfiguration": {"NoEncryptionConfig": "NoEncryption"}}}]}}),
+                    "EncryptionConfiguration": {"NoEncryptionConfig": "NoEncryption"}}}]}})
+            .to_string(),
         ),
         "PutRecords" | "PutRecordBatch" => {
-            {
-                let mut seen = shared.seen.lock().unwrap();
-                seen.requests += 1;
-                if !shared.streams.iter().any(|s| *s == stream) {
-                    return error(400, "ResourceNotFoundException");
-                }
-                if shared.chance(faults.throttle_requests) {
-                    seen.throttled_requests += 1;
-                    return error(400, "ProvisionedThroughputExceededException");
-                }
-                if shared.chance(faults.server_errors) {
-                    seen.server_errors += 1;
-                    return error(500, "InternalFailure");
-                }
-            }
-            let records = req
-                .get("Records")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let mut results = Vec::with_capacity(records.len());
-            let mut failed = 0;
             let mut seen = shared.seen.lock().unwrap();
-            for r in &records {
-                let data = r
-                    .get("Data")
-                    .and_then(Value::as_str)
-                    .and_then(|d| aws_smithy_types::base64::decode(d).ok())
-                    .unwrap_or_default();
-                let key = r
-                    .get("PartitionKey")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
+            seen.requests += 1;
+            if !shared.streams.iter().any(|s| *s == stream) {
+                return error(400, "ResourceNotFoundException");
+            }
+            if shared.chance(faults.throttle_requests) {
+                seen.throttled_requests += 1;
+                return error(400, "ProvisionedThroughputExceededException");
+            }
+            if shared.chance(faults.server_errors) {
+                seen.server_errors += 1;
+                return error(500, "InternalFailure");
+            }
+            let kinesis = op == "PutRecords";
+            let mut results = String::with_capacity(req.records.len() * 64);
+            let mut failed = 0;
+            for r in &req.records {
+                if !results.is_empty() {
+                    results.push(',');
+                }
                 if shared.chance(faults.throttle_records) {
                     failed += 1;
                     seen.throttled_records += 1;
-                    let code = if op == "PutRecords" {
+                    let code = if kinesis {
                         "ProvisionedThroughputExceededException"
                     } else {
                         "ServiceUnavailableException"
                     };
-                    results.push(json!({"ErrorCode": code, "ErrorMessage": "injected"}));
+                    let _ = write!(results, r#"{{"ErrorCode":"{code}","ErrorMessage":"injected"}}"#);
                     continue;
                 }
                 let hash = r
-                    .get("ExplicitHashKey")
-                    .and_then(Value::as_str)
+                    .explicit_hash_key
+                    .as_deref()
                     .and_then(|h| h.parse::<u128>().ok())
                     .unwrap_or_else(|| {
                         use md5::{Digest, Md5};
-                        u128::from_be_bytes(Md5::digest(key.as_bytes()).into())
+                        u128::from_be_bytes(Md5::digest(r.partition_key.as_bytes()).into())
                     });
                 let shard = shared.shard_of(hash);
+                let len = decoded_len(&r.data);
                 seen.records += 1;
-                seen.bytes += data.len() as u64;
-                seen.payload_units += (data.len() + key.len()).div_ceil(25 * 1024) as u64;
+                seen.bytes += len as u64;
+                seen.payload_units += (len + r.partition_key.len()).div_ceil(25 * 1024) as u64;
                 seen.per_shard[shard] += 1;
                 if shared.keep {
+                    let data = aws_smithy_types::base64::decode(&*r.data).unwrap();
                     seen.data.push(data);
                 }
-                if op == "PutRecords" {
-                    results.push(json!({"SequenceNumber": seen.records.to_string(), "ShardId": shared.shards[shard].0}));
+                let n = seen.records;
+                if kinesis {
+                    let id = &shared.shards[shard].0;
+                    let _ = write!(results, r#"{{"SequenceNumber":"{n}","ShardId":"{id}"}}"#);
                 } else {
-                    results.push(json!({"RecordId": seen.records.to_string()}));
+                    let _ = write!(results, r#"{{"RecordId":"{n}"}}"#);
                 }
             }
-            if op == "PutRecords" {
-                (
-                    200,
-                    json!({"FailedRecordCount": failed, "Records": results}),
-                )
+            let reply = if kinesis {
+                format!(r#"{{"FailedRecordCount":{failed},"Records":[{results}]}}"#)
             } else {
-                (
-                    200,
-                    json!({"FailedPutCount": failed, "Encrypted": false, "RequestResponses": results}),
+                format!(
+                    r#"{{"FailedPutCount":{failed},"Encrypted":false,"RequestResponses":[{results}]}}"#
                 )
-            }
+            };
+            (200, reply)
         }
         _ => error(400, "UnknownOperationException"),
     }
