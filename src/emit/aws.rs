@@ -97,27 +97,9 @@ impl Kinesis {
     /// Sends records `idx` of `batch` in one PutRecords request. Returns the outcome and,
     /// for records accepted, the shard each went to.
     pub async fn put(&self, batch: &Batch, idx: &[usize]) -> (Outcome, Vec<Option<String>>) {
-        use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-        let mut entries = Vec::with_capacity(idx.len());
-        for &i in idx {
-            let r = &batch.records[i];
-            // The SDK's request owns each record's bytes: the one copy the emitter makes.
-            let e = PutRecordsRequestEntry::builder()
-                .data(Blob::new(batch.data_of(r).to_vec()))
-                .partition_key(batch.key_of(r))
-                .set_explicit_hash_key(r.hash.map(|h| h.to_string()))
-                .build();
-            match e {
-                Ok(e) => entries.push(e),
-                Err(_) => {
-                    let out = Outcome::Failed {
-                        code: Some("ConstructionFailure".into()),
-                        status: None,
-                    };
-                    return (out, vec![]);
-                }
-            }
-        }
+        let Some(entries) = kinesis_entries(batch, idx) else {
+            return (construction_failure(), vec![]);
+        };
         let req = self.client.put_records().set_records(Some(entries));
         let req = if self.is_arn() {
             req.stream_arn(&self.stream)
@@ -222,22 +204,9 @@ impl Firehose {
 
     /// Sends records `idx` of `batch` in one PutRecordBatch request.
     pub async fn put(&self, batch: &Batch, idx: &[usize]) -> Outcome {
-        use aws_sdk_firehose::types::Record;
-        let mut records = Vec::with_capacity(idx.len());
-        for &i in idx {
-            match Record::builder()
-                .data(Blob::new(batch.data_of(&batch.records[i]).to_vec()))
-                .build()
-            {
-                Ok(r) => records.push(r),
-                Err(_) => {
-                    return Outcome::Failed {
-                        code: Some("ConstructionFailure".into()),
-                        status: None,
-                    };
-                }
-            }
-        }
+        let Some(records) = firehose_records(batch, idx) else {
+            return construction_failure();
+        };
         let req = self
             .client
             .put_record_batch()
@@ -328,5 +297,49 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
             }
             msg
         }
+    }
+}
+
+/// The PutRecords entries for records `idx` of `batch`. The SDK's request owns each
+/// record's bytes: this is the one copy the emitter makes. `None` if the SDK refuses to
+/// build one (it never should: every field it requires is set).
+pub fn kinesis_entries(
+    batch: &Batch,
+    idx: &[usize],
+) -> Option<Vec<aws_sdk_kinesis::types::PutRecordsRequestEntry>> {
+    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+    idx.iter()
+        .map(|&i| {
+            let r = &batch.records[i];
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(batch.data_of(r).to_vec()))
+                .partition_key(batch.key_of(r))
+                .set_explicit_hash_key(r.hash.map(|h| h.to_string()))
+                .build()
+                .ok()
+        })
+        .collect()
+}
+
+/// The PutRecordBatch records for records `idx` of `batch`, as [`kinesis_entries`].
+pub fn firehose_records(
+    batch: &Batch,
+    idx: &[usize],
+) -> Option<Vec<aws_sdk_firehose::types::Record>> {
+    idx.iter()
+        .map(|&i| {
+            let data = batch.data_of(&batch.records[i]).to_vec();
+            aws_sdk_firehose::types::Record::builder()
+                .data(Blob::new(data))
+                .build()
+                .ok()
+        })
+        .collect()
+}
+
+fn construction_failure() -> Outcome {
+    Outcome::Failed {
+        code: Some("ConstructionFailure".into()),
+        status: None,
     }
 }

@@ -8,7 +8,7 @@
 //! A local write that fails is retried with backoff, never dropped: a batch is only handed
 //! back once its sink has it. AWS sinks are in `deliver`.
 
-mod aws;
+pub mod aws;
 mod dead;
 mod deliver;
 mod file;

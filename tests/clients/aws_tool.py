@@ -13,11 +13,14 @@ shares code with sluice.
   aws_tool.py ENDPOINT read-bucket BUCKET                               -> the objects' bytes
 
 read-stream prints one JSON line per user record: {"shard", "partition_key",
-"aggregated", "data"}, reading every shard (closed parents too) from the start,
-decompressing and deaggregating each Kinesis record.
+"aggregated", "in_shard", "data"}, reading every shard (closed parents too) from the
+start, decompressing and deaggregating each Kinesis record. in_shard says, for a record
+that came out of an aggregate, whether its hash key is in the shard's range, as KCL
+requires to keep it.
 """
 import base64
 import gzip
+import hashlib
 import json
 import sys
 import time
@@ -85,6 +88,14 @@ def read_stream(k, name, codec):
                 for user in iter_deaggregate_records([r], data_format="Boto3"):
                     u = user["kinesis"]
                     payload = u["data"]
+                    # KCL drops an inner record whose hash key (its explicit one, else
+                    # the MD5 of its partition key) is outside the shard's range.
+                    in_shard = None
+                    if aggregated:
+                        ehk = u.get("explicitHashKey")
+                        h = int(ehk) if ehk else int(hashlib.md5(u["partitionKey"].encode()).hexdigest(), 16)
+                        rng = shard["HashKeyRange"]
+                        in_shard = int(rng["StartingHashKey"]) <= h <= int(rng["EndingHashKey"])
                     # Deaggregated user records come back base64-encoded; records that
                     # were not aggregated pass through as the raw bytes boto3 gave.
                     if aggregated or isinstance(payload, str):
@@ -93,6 +104,7 @@ def read_stream(k, name, codec):
                         "shard": sid,
                         "partition_key": u.get("partitionKey"),
                         "aggregated": aggregated,
+                        "in_shard": in_shard,
                         "data": payload.decode("utf-8"),
                     }))
 

@@ -1,0 +1,184 @@
+//! Criterion benchmarks of request building, one core, no I/O: 200 B JSON records (a
+//! Docker log line each) written into request-shaped batches as the core does it, with
+//! exact accounting of the service limits (records, bytes of data plus partition keys):
+//! - `kinesis/records`: a PutRecords record per event, each with a random partition key;
+//! - `kinesis/records+entries`: the same, plus the SDK's request entries the emitter
+//!   builds from each sealed batch (the one copy of each record it makes);
+//! - `kinesis/aggregated`: KPL aggregates, one shard each, MD5 trailer included;
+//! - `kinesis/aggregated+zstd` and `+gzip`: compressed aggregates;
+//! - `kinesis/records+zstd`: each record compressed alone;
+//! - `firehose/lines`: newline-joined lines packed into PutRecordBatch records, plus the
+//!   SDK's records.
+//!
+//! Throughput is in event bytes. Run with `cargo bench --bench requests`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use sluice::batch::records::{Framing, KeyMode, RecordFraming, RecordShape};
+use sluice::batch::shape::Encoded;
+use sluice::batch::{Batch, BatchLimits, Batcher};
+use sluice::decode::Codec;
+use sluice::emit::aws::{firehose_records, kinesis_entries};
+use sluice::ring::{Consumer, ring};
+use sluice::shards::{Shard, ShardMap};
+
+const EVENTS: usize = 10_000;
+
+/// `EVENTS` Docker-style JSON lines of exactly 200 bytes each.
+fn events() -> Vec<Vec<u8>> {
+    (0..EVENTS)
+        .map(|i| {
+            let head = format!(
+                "{{\"container_id\":\"4f1a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8\",\"container_name\":\"/web-1\",\"source\":\"stdout\",\"log\":\"{i:08} GET /api/items?page={i} HTTP/1.1 200 "
+            );
+            let mut line = head.into_bytes();
+            line.resize(200 - 3, b'x');
+            line.extend_from_slice(b"\"}\n");
+            line
+        })
+        .collect()
+}
+
+fn shards(n: u128) -> Arc<ShardMap> {
+    let step = u128::MAX / n;
+    Arc::new(ShardMap::new(
+        (0..n)
+            .map(|i| Shard {
+                id: format!("shardId-{i:012}"),
+                start: i * step,
+                end: if i == n - 1 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                },
+            })
+            .collect(),
+    ))
+}
+
+fn batcher(f: RecordFraming) -> (Batcher, Consumer<Batch>) {
+    let (p, c) = ring(64);
+    let limits = BatchLimits {
+        max_bytes: f.max_request,
+        linger: Duration::from_secs(60),
+    };
+    let mut b = Batcher::new(0, limits, Framing::Records(f), p);
+    b.set_shards(shards(4));
+    (b, c)
+}
+
+/// Writes every event, seals, and hands each sealed batch to `sent` before reusing it.
+fn build(
+    b: &mut Batcher,
+    c: &Consumer<Batch>,
+    events: &[Vec<u8>],
+    mut sent: impl FnMut(&Batch),
+) -> usize {
+    let mut records = 0;
+    let mut drain = |b: &mut Batcher| {
+        while let Some(batch) = c.try_pop() {
+            records += batch.records.len();
+            sent(&batch);
+            b.recycle(batch);
+        }
+    };
+    for e in events {
+        b.write(None, |out| {
+            out.extend_from_slice(e);
+            Encoded::Written.into()
+        });
+        drain(b);
+    }
+    b.seal();
+    drain(b);
+    records
+}
+
+const KINESIS: RecordFraming = RecordFraming {
+    max_record: 1 << 20,
+    max_request: 5 << 20,
+    keys: KeyMode::Random,
+    shape: RecordShape::Single,
+    compression: None,
+};
+
+const FIREHOSE: RecordFraming = RecordFraming {
+    max_record: 1000 << 10,
+    max_request: 4 << 20,
+    keys: KeyMode::None,
+    shape: RecordShape::Lines,
+    compression: None,
+};
+
+fn requests(c: &mut Criterion) {
+    let events = events();
+    let bytes: usize = events.iter().map(Vec::len).sum();
+    let mut g = c.benchmark_group("kinesis");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    let aggregated = RecordFraming {
+        shape: RecordShape::Aggregated,
+        ..KINESIS
+    };
+    let cases = [
+        ("records", KINESIS, false),
+        ("records+entries", KINESIS, true),
+        ("aggregated", aggregated, false),
+        (
+            "aggregated+zstd",
+            RecordFraming {
+                compression: Some(Codec::Zstd),
+                ..aggregated
+            },
+            false,
+        ),
+        (
+            "aggregated+gzip",
+            RecordFraming {
+                compression: Some(Codec::Gzip),
+                ..aggregated
+            },
+            false,
+        ),
+        (
+            "records+zstd",
+            RecordFraming {
+                compression: Some(Codec::Zstd),
+                ..KINESIS
+            },
+            false,
+        ),
+    ];
+    for (name, framing, entries) in cases {
+        let (mut b, c) = batcher(framing);
+        g.bench_function(name, |bench| {
+            bench.iter(|| {
+                build(&mut b, &c, &events, |batch| {
+                    if entries {
+                        let all: Vec<usize> = (0..batch.records.len()).collect();
+                        black_box(kinesis_entries(batch, &all).unwrap());
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("firehose");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    let (mut b, c) = batcher(FIREHOSE);
+    g.bench_function("lines", |bench| {
+        bench.iter(|| {
+            build(&mut b, &c, &events, |batch| {
+                let all: Vec<usize> = (0..batch.records.len()).collect();
+                black_box(firehose_records(batch, &all).unwrap());
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, requests);
+criterion_main!(benches);
