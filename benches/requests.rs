@@ -23,7 +23,7 @@ use sluice::batch::{Batch, BatchLimits, Batcher};
 use sluice::decode::Codec;
 use sluice::emit::aws::{firehose_records, kinesis_entries};
 use sluice::ring::{Consumer, ring};
-use sluice::shards::{Shard, ShardMap};
+use sluice::shards::ShardMap;
 
 const EVENTS: usize = 10_000;
 
@@ -42,23 +42,6 @@ fn events() -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn shards(n: u128) -> Arc<ShardMap> {
-    let step = u128::MAX / n;
-    Arc::new(ShardMap::new(
-        (0..n)
-            .map(|i| Shard {
-                id: format!("shardId-{i:012}"),
-                start: i * step,
-                end: if i == n - 1 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                },
-            })
-            .collect(),
-    ))
-}
-
 fn batcher(f: RecordFraming) -> (Batcher, Consumer<Batch>) {
     let (p, c) = ring(64);
     let limits = BatchLimits {
@@ -66,7 +49,7 @@ fn batcher(f: RecordFraming) -> (Batcher, Consumer<Batch>) {
         linger: Duration::from_secs(60),
     };
     let mut b = Batcher::new(0, limits, Framing::Records(f), p);
-    b.set_shards(shards(4));
+    b.set_shards(Arc::new(ShardMap::even(4)));
     (b, c)
 }
 

@@ -90,6 +90,25 @@ impl ShardMap {
         self.keys[i].as_ref().map(|k| &k[..])
     }
 
+    /// `n` shards that split the hash space evenly, as CreateStream lays them out (for
+    /// tests, benchmarks and the fake endpoint).
+    pub fn even(n: usize) -> Self {
+        let (n, step) = (n as u128, u128::MAX / n as u128);
+        ShardMap::new(
+            (0..n)
+                .map(|i| Shard {
+                    id: format!("shardId-{i:012}"),
+                    start: i * step,
+                    end: if i == n - 1 {
+                        u128::MAX
+                    } else {
+                        (i + 1) * step - 1
+                    },
+                })
+                .collect(),
+        )
+    }
+
     /// Until the stream's shards are known: one shard over the whole hash space.
     pub fn unknown() -> Self {
         ShardMap::new(vec![])
@@ -134,26 +153,9 @@ pub fn hash_key(partition_key: &[u8]) -> u128 {
 mod tests {
     use super::*;
 
-    fn even(n: u128) -> ShardMap {
-        let step = u128::MAX / n;
-        ShardMap::new(
-            (0..n)
-                .map(|i| Shard {
-                    id: format!("shardId-{i:012}"),
-                    start: i * step,
-                    end: if i == n - 1 {
-                        u128::MAX
-                    } else {
-                        (i + 1) * step - 1
-                    },
-                })
-                .collect(),
-        )
-    }
-
     #[test]
     fn finds_shards_by_hash_key() {
-        let m = even(4);
+        let m = ShardMap::even(4);
         assert_eq!(m.shard_of(0), 0);
         assert_eq!(m.shard_of(u128::MAX / 4 - 1), 0);
         assert_eq!(m.shard_of(u128::MAX / 4), 1);
@@ -168,9 +170,9 @@ mod tests {
 
     #[test]
     fn every_shard_gets_a_key_that_lands_on_it() {
-        for n in [1, 2, 7, 4096] {
-            let m = even(n);
-            for i in 0..n as usize {
+        for n in [1usize, 2, 7, 4096] {
+            let m = ShardMap::even(n);
+            for i in 0..n {
                 let k = m.key_for(i).expect("a key for every even shard");
                 assert_eq!(m.shard_of(hash_key(k)), i);
             }

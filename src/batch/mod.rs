@@ -914,20 +914,7 @@ mod tests {
     }
 
     fn four_shards() -> Arc<ShardMap> {
-        let step = u128::MAX / 4;
-        Arc::new(ShardMap::new(
-            (0..4)
-                .map(|i| crate::shards::Shard {
-                    id: format!("shardId-{i:012}"),
-                    start: i * step,
-                    end: if i == 3 {
-                        u128::MAX
-                    } else {
-                        (i + 1) * step - 1
-                    },
-                })
-                .collect(),
-        ))
+        Arc::new(ShardMap::even(4))
     }
 
     #[test]

@@ -191,15 +191,25 @@ impl AwsSink {
             .iter()
             .map(|(k, v)| (format!("failed.{k}"), *v))
             .collect();
+        // Each shard's rate, for the shards slowed below the full rate: a stream may have
+        // thousands, and a Stats line should not.
         if let Some(l) = &s.limiter {
+            let full = l.full_rate();
+            let mut slowed = 0;
             for (i, shard) in s.shards.shards().iter().enumerate() {
-                let id = if shard.id.is_empty() {
-                    "unknown"
-                } else {
-                    &shard.id
-                };
-                detail.push((format!("shard.{id}.rate"), l.rate(i)));
+                let rate = l.rate(i);
+                if rate < full {
+                    slowed += 1;
+                    let id = if shard.id.is_empty() {
+                        "unknown"
+                    } else {
+                        &shard.id
+                    };
+                    detail.push((format!("shard.{id}.rate"), rate));
+                }
             }
+            detail.push(("shard_rate_full".into(), full));
+            detail.push(("shards_slowed".into(), slowed));
         }
         let _ = reporter.send(Report::Sink {
             sink: self.index,

@@ -112,6 +112,11 @@ impl ShardLimiter {
             .map_or(0, |b| (b.fraction * SHARD_RECORDS_PER_SEC) as u64)
     }
 
+    /// The rate a shard that is not slowed aims at, in records per second.
+    pub fn full_rate(&self) -> u64 {
+        (self.headroom * SHARD_RECORDS_PER_SEC) as u64
+    }
+
     pub fn shards(&self) -> usize {
         self.buckets.len()
     }

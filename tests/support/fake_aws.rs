@@ -71,16 +71,10 @@ impl Fake {
     pub fn start(shards: usize, streams: &[&str], keep: bool) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let step = u128::MAX / shards as u128;
-        let shards: Vec<(String, u128, u128)> = (0..shards as u128)
-            .map(|i| {
-                let end = if i + 1 == shards as u128 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                };
-                (format!("shardId-{i:012}"), i * step, end)
-            })
+        let shards: Vec<(String, u128, u128)> = sluice::shards::ShardMap::even(shards)
+            .shards()
+            .iter()
+            .map(|s| (s.id.clone(), s.start, s.end))
             .collect();
         let faults = Arc::new(Mutex::new(Faults::default()));
         let seen = Arc::new(Mutex::new(Seen {
