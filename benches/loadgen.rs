@@ -2,7 +2,9 @@
 //! and `--pid`), sends PackedForward frames of Docker-style events over N connections,
 //! each keeping a window of chunks in flight and counting their acks, and reports acked
 //! events per second and sluice's CPU seconds per million events (from /proc, so it counts
-//! every thread of sluice).
+//! every thread of sluice). `--window 0` asks for no acks, as the Docker driver and Fluent
+//! Bit do by default: with `--gib`, frames go out back to back, then sluice is stopped and
+//! the run ends when it has drained and exited.
 //!
 //! `--sink` picks what sluice sends to: `null`, or `kinesis`, `kinesis-agg` (KPL
 //! aggregation) or `firehose` (line packing) at the fast fake endpoint of
@@ -16,9 +18,10 @@
 //!       [--warmup 2] [--events-per-frame 1000] [--event-bytes 200] [--window 8]
 //!       [--workers N] [--shards 8192] [--gib X] [--addr HOST:PORT --pid PID]
 //!
-//! Without `--bench` (as `cargo test --all-targets` runs it) it makes two short smoke runs,
-//! one to the null sink and one of 0.01 GiB aggregated into the fake, and checks that every
-//! chunk is acked and every byte arrived.
+//! Without `--bench` (as `cargo test --all-targets` runs it) it makes three short smoke
+//! runs: to the null sink, 0.01 GiB aggregated into the fake, and 0.01 GiB without acks
+//! line-packed into the fake Firehose; it checks that every chunk is acked and every byte
+//! arrived.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -90,6 +93,10 @@ fn runs() -> Vec<Args> {
         a.addr.is_none() || a.sink == "null",
         "--sink needs the sluice this starts; drop --addr"
     );
+    assert!(
+        a.window > 0 || (a.gib.is_some() && a.addr.is_none()),
+        "--window 0 (no acks) needs --gib, and the sluice this starts: it ends when sluice has drained"
+    );
     if bench {
         return vec![a];
     }
@@ -106,6 +113,12 @@ fn runs() -> Vec<Args> {
         Args {
             sink: "kinesis-agg".into(),
             gib: Some(0.01),
+            ..smoke.clone()
+        },
+        Args {
+            sink: "firehose".into(),
+            gib: Some(0.01),
+            window: 0,
             ..smoke
         },
     ]
@@ -119,8 +132,9 @@ use support::{Mode, Opts, Time, docker_record};
 mod fake_aws;
 use fake_aws::Fake;
 
-/// A PackedForward frame and where its 16-digit chunk id sits.
-fn frame(events: usize, size: usize) -> (Vec<u8>, usize) {
+/// A PackedForward frame and where its 16-digit chunk id sits (no id, and no ack asked
+/// for, unless `ack`).
+fn frame(events: usize, size: usize, ack: bool) -> (Vec<u8>, usize) {
     let events: Vec<_> = (0..events)
         .map(|i| {
             (
@@ -131,12 +145,15 @@ fn frame(events: usize, size: usize) -> (Vec<u8>, usize) {
         .collect();
     let id = b"0000000000000000";
     let opts = Opts {
-        chunk: Some(std::str::from_utf8(id).unwrap()),
+        chunk: ack.then(|| std::str::from_utf8(id).unwrap()),
         size: true,
         nil_options: false,
     };
     let f = support::frame(Mode::PackedBin, "docker.web", &events, opts);
-    let at = f.windows(id.len()).rposition(|w| w == id).unwrap();
+    let at = match ack {
+        true => f.windows(id.len()).rposition(|w| w == id).unwrap(),
+        false => 0,
+    };
     (f, at)
 }
 
@@ -262,7 +279,7 @@ struct Plan {
 fn plan(a: &Args) -> Plan {
     let Some(gib) = a.gib else {
         return Plan {
-            frame: frame(a.events_per_frame, a.event_bytes),
+            frame: frame(a.events_per_frame, a.event_bytes, a.window > 0),
             per: a.events_per_frame as u64,
             frames: None,
             last: None,
@@ -275,10 +292,10 @@ fn plan(a: &Args) -> Plan {
     let per = a.events_per_frame as u64;
     let rem = events % per;
     Plan {
-        frame: frame(a.events_per_frame, size),
+        frame: frame(a.events_per_frame, size, a.window > 0),
         per,
         frames: Some(events.div_ceil(per)),
-        last: (rem > 0).then(|| (frame(rem as usize, size), rem)),
+        last: (rem > 0).then(|| (frame(rem as usize, size, a.window > 0), rem)),
         events,
         record: a.event_bytes,
     }
@@ -286,7 +303,7 @@ fn plan(a: &Args) -> Plan {
 
 fn run(a: &Args) {
     let fake = (a.sink != "null").then(|| Fake::start(a.shards, &["load"], false));
-    let (_child, addr, pid) = match (a.addr, a.pid) {
+    let (mut child, addr, pid) = match (a.addr, a.pid) {
         (Some(addr), pid) => (None, addr, pid),
         (None, _) => {
             let (c, addr) = start_sluice(a, fake.as_ref());
@@ -302,7 +319,9 @@ fn run(a: &Args) {
         .map(|c| {
             let (plan, acked, next, sending) =
                 (plan.clone(), acked.clone(), next.clone(), sending.clone());
-            let window = a.window;
+            // Without acks (`--window 0`), frames go out back to back.
+            let window = if a.window == 0 { usize::MAX } else { a.window };
+            let acks = a.window > 0;
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_nodelay(true).unwrap();
@@ -327,10 +346,12 @@ fn run(a: &Args) {
                                 _ => (&mut f.0, f.1, plan.per),
                             },
                         };
-                        let id = format!("{:04x}{:012x}", c, sent);
-                        frame[at..at + 16].copy_from_slice(id.as_bytes());
+                        if acks {
+                            let id = format!("{:04x}{:012x}", c, sent);
+                            frame[at..at + 16].copy_from_slice(id.as_bytes());
+                            inflight.push_back(n);
+                        }
                         s.write_all(frame).unwrap();
-                        inflight.push_back(n);
                         sent += 1;
                     }
                     if !go {
@@ -354,12 +375,20 @@ fn run(a: &Args) {
     // A fixed volume is timed from the first frame to the last ack; otherwise over
     // `seconds` after a warm-up.
     let warmup = if a.gib.is_some() { 0.0 } else { a.warmup };
+    let mut drained = None;
     std::thread::sleep(Duration::from_secs_f64(warmup));
     let (e0, t0) = (acked.load(Ordering::Relaxed), Instant::now());
     let c0 = pid.map(cpu_seconds);
     let l0 = cpu_seconds(std::process::id());
     if a.gib.is_none() {
         std::thread::sleep(Duration::from_secs_f64(a.seconds));
+    } else if a.window == 0 {
+        // Nothing is acked: every frame is sent, then sluice is stopped and drains.
+        while !threads.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drained = Some(child.take().unwrap().drain());
+        acked.store(plan.events, Ordering::Relaxed);
     } else {
         // Until every event is acked, or every connection has ended (a failure, reported
         // when joined).
@@ -370,7 +399,7 @@ fn run(a: &Args) {
         }
     }
     let (e1, t1) = (acked.load(Ordering::Relaxed), Instant::now());
-    let c1 = pid.map(cpu_seconds);
+    let c1 = drained.or_else(|| pid.map(cpu_seconds));
     let l1 = cpu_seconds(std::process::id());
     sending.store(false, Ordering::Relaxed);
     let frames: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
@@ -383,7 +412,10 @@ fn run(a: &Args) {
         "loadgen: sink {}, {} connections, PackedForward frames of {} events ({:.0} B on the wire each, {} B records), window {}",
         a.sink, a.connections, plan.per, wire, plan.record, a.window
     );
-    println!("  acked events/s:             {rate:>12.0}");
+    match a.window {
+        0 => println!("  events/s, sent to drained:  {rate:>12.0}"),
+        _ => println!("  acked events/s:             {rate:>12.0}"),
+    }
     println!("  input MB/s:                 {:>12.1}", rate * wire / 1e6);
     if let (Some(c0), Some(c1)) = (c0, c1) {
         let cpu = c1 - c0;
@@ -403,7 +435,8 @@ fn run(a: &Args) {
         "loadgen CPU"
     };
     println!("  {who:<28}{:>12.2} s", l1 - l0);
-    println!("  frames sent and acked:      {frames:>12}");
+    let acked = if a.window > 0 { " and acked" } else { "" };
+    println!("  {:<28}{frames:>12}", format!("frames sent{acked}:"));
     assert!(e1 > 0, "no events were acked");
 
     if let (Some(fake), Some(gib)) = (&fake, a.gib) {
@@ -424,6 +457,9 @@ fn run(a: &Args) {
             seen.payload_units as f64 / min as f64
         );
         assert!(seen.bytes >= data, "every byte arrived");
+        if a.sink == "firehose" {
+            assert_eq!(seen.bytes, data, "line packing adds nothing to the events");
+        }
         if a.sink == "kinesis" {
             assert_eq!(seen.records, plan.events);
             assert_eq!(
@@ -438,8 +474,38 @@ fn run(a: &Args) {
 /// Stops the sluice this started, also when a check fails.
 struct Stop(Child);
 
+impl Stop {
+    /// Stops sluice, waits for it to drain and exit, and returns its CPU seconds (read
+    /// while it is a zombie, before it is reaped).
+    fn drain(mut self) -> f64 {
+        let pid = self.0.id();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+        let state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            stat[stat.rfind(')').unwrap() + 2..].starts_with('Z')
+        };
+        while !state() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let cpu = cpu_seconds(pid);
+        let status = self.0.wait().unwrap();
+        assert!(
+            status.success(),
+            "sluice drained and exited cleanly: {status}"
+        );
+        cpu
+    }
+}
+
 impl Drop for Stop {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();

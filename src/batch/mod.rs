@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::ack::Ticket;
+use crate::config::KINESIS_PUT_UNIT;
 use crate::ring::Producer;
 use crate::shards::ShardMap;
 use records::{
@@ -98,6 +99,15 @@ pub struct BatchLimits {
     pub max_bytes: usize,
     /// A batch holding events is sealed at the latest this long after its first event.
     pub linger: Duration,
+}
+
+/// `n` rounded down to whole Kinesis payload units, unless it is less than one.
+fn unit_floor(n: usize) -> usize {
+    if n >= KINESIS_PUT_UNIT {
+        n - n % KINESIS_PUT_UNIT
+    } else {
+        n
+    }
 }
 
 /// Room for one more event past `max_bytes` before a buffer reallocates.
@@ -448,7 +458,7 @@ impl Batcher {
         ticket: Option<Ticket>,
         mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
     ) -> Wrote {
-        let limit = f.max_record
+        let full = f.max_record
             - if f.compression.is_some() {
                 COMPRESSION_MARGIN
             } else {
@@ -456,7 +466,11 @@ impl Batcher {
             };
         loop {
             if self.record.is_none() {
-                if self.sendable + 1 > MAX_RECORDS {
+                // In the little room a request has left, a new aggregate would cost a whole
+                // payload unit for a few events: they start the next request instead.
+                let room = f.max_request.saturating_sub(self.req_bytes);
+                if self.sendable + 1 > MAX_RECORDS || (self.sendable > 0 && room < KINESIS_PUT_UNIT)
+                {
                     self.seal();
                 }
                 self.open_aggregate();
@@ -470,28 +484,27 @@ impl Batcher {
             };
             let key_len = (agg.key_end - agg.key_start) as usize;
             let size = self.open.data.len() - agg.start + MD5_LEN + key_len;
-            if size > limit {
-                if agg.events == 0 {
+            let room = f.max_request.saturating_sub(self.req_bytes);
+            if agg.events == 0 {
+                if size > full {
                     // Alone it does not fit an aggregate: keep the event itself apart.
                     let (body, end) = (self.open.data.len() - len, self.open.data.len());
                     self.record = None;
                     self.push_record(body, end, (0, 0, None), 1, true);
                     return self.took(ticket);
                 }
-                self.open.data.truncate(at);
-                self.close_aggregate();
-                continue;
-            }
-            if self.req_bytes + size > f.max_request {
-                self.open.data.truncate(at);
-                if agg.events == 0 {
+                if size > room && self.sendable > 0 {
                     self.open.data.truncate(agg.start);
                     self.open.keys.truncate(agg.key_start as usize);
                     self.record = None;
-                } else {
-                    self.close_aggregate();
+                    self.seal();
+                    continue;
                 }
-                self.seal();
+            } else if size > unit_floor(full.min(room)) {
+                // Aggregates end on payload-unit boundaries where they can: Kinesis bills
+                // each record in whole units.
+                self.open.data.truncate(at);
+                self.close_aggregate();
                 continue;
             }
             self.last_len = len;
@@ -1096,6 +1109,49 @@ mod tests {
                 per.iter().all(|&n| n > 0),
                 "aggregates spread over the shards: {per:?}"
             );
+        }
+    }
+
+    #[test]
+    fn aggregates_fill_whole_payload_units() {
+        let f = RecordFraming {
+            shape: RecordShape::Aggregated,
+            ..KINESIS
+        };
+        let (mut b, c) = records(f);
+        b.set_shards(four_shards());
+        let line = [b'x'; 200];
+        for _ in 0..60_000 {
+            event(&mut b, &line, None);
+            // The ring holds 64 batches; keep it from filling.
+            for batch in drain(&c) {
+                let bytes = check_units(&batch);
+                assert!(
+                    bytes > (5 << 20) - KINESIS_PUT_UNIT,
+                    "a full request: {bytes}"
+                );
+                b.recycle(batch);
+            }
+        }
+        b.seal();
+        drain(&c).iter().for_each(|b| {
+            check_units(b);
+        });
+
+        /// Every aggregate but a batch's last wastes less than one inner record (208
+        /// bytes) of its last payload unit; returns the request's bytes.
+        fn check_units(batch: &Batch) -> usize {
+            let mut bytes = 0;
+            for (i, r) in batch.records.iter().enumerate() {
+                let size = (r.end - r.start + r.key_end - r.key_start) as usize;
+                bytes += size;
+                let waste = size.div_ceil(KINESIS_PUT_UNIT) * KINESIS_PUT_UNIT - size;
+                if i + 1 < batch.records.len() {
+                    assert!(waste < 208, "record {i}: {size} B wastes {waste}");
+                }
+            }
+            assert!(bytes <= 5 << 20);
+            bytes
         }
     }
 

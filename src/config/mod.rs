@@ -408,6 +408,9 @@ mod service {
     /// <https://docs.aws.amazon.com/firehose/latest/APIReference/API_PutRecordBatch.html>
     pub const FIREHOSE_MAX_RECORD: usize = 1000 << 10;
     pub const FIREHOSE_MAX_REQUEST: usize = 4 << 20;
+    /// Kinesis bills each record's data plus key in whole PUT payload units of 25 KiB.
+    /// <https://aws.amazon.com/kinesis/data-streams/pricing/>
+    pub const KINESIS_PUT_UNIT: usize = 25 << 10;
 }
 pub use service::*;
 
@@ -488,7 +491,7 @@ fn kinesis(key: &str, f: KinesisFile) -> Result<(SinkKind, BatchLimits), ConfigE
     if aggregate && matches!(keymode, PartitionKey::Field(_)) {
         return Err(err(
             format!("{key}.aggregate"),
-            "aggregation sends each aggregated record to one shard, so it needs partition_key = \"random\" or \"explicit\"",
+            "aggregation keys each aggregate to the shard it goes to, so it cannot take keys from a field (leave partition_key out)",
         ));
     }
     let compression = match f.compression.as_deref() {
