@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sluice::batch::records::{Framing, KeyMode, RecordFraming, RecordShape};
+use sluice::batch::records::{Framing, RecordFraming, RecordShape};
 use sluice::batch::shape::Encoded;
 use sluice::batch::{Batch, BatchLimits, Batcher};
 use sluice::decode::Codec;
@@ -80,22 +80,6 @@ fn build(
     records
 }
 
-const KINESIS: RecordFraming = RecordFraming {
-    max_record: 1 << 20,
-    max_request: 5 << 20,
-    keys: KeyMode::Random,
-    shape: RecordShape::Single,
-    compression: None,
-};
-
-const FIREHOSE: RecordFraming = RecordFraming {
-    max_record: 1000 << 10,
-    max_request: 4 << 20,
-    keys: KeyMode::None,
-    shape: RecordShape::Lines,
-    compression: None,
-};
-
 fn requests(c: &mut Criterion) {
     let events = events();
     let bytes: usize = events.iter().map(Vec::len).sum();
@@ -103,11 +87,11 @@ fn requests(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes as u64));
     let aggregated = RecordFraming {
         shape: RecordShape::Aggregated,
-        ..KINESIS
+        ..RecordFraming::KINESIS
     };
     let cases = [
-        ("records", KINESIS, false),
-        ("records+entries", KINESIS, true),
+        ("records", RecordFraming::KINESIS, false),
+        ("records+entries", RecordFraming::KINESIS, true),
         ("aggregated", aggregated, false),
         (
             "aggregated+zstd",
@@ -129,7 +113,7 @@ fn requests(c: &mut Criterion) {
             "records+zstd",
             RecordFraming {
                 compression: Some(Codec::Zstd),
-                ..KINESIS
+                ..RecordFraming::KINESIS
             },
             false,
         ),
@@ -151,7 +135,7 @@ fn requests(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("firehose");
     g.throughput(Throughput::Bytes(bytes as u64));
-    let (mut b, c) = batcher(FIREHOSE);
+    let (mut b, c) = batcher(RecordFraming::FIREHOSE);
     g.bench_function("lines", |bench| {
         bench.iter(|| {
             build(&mut b, &c, &events, |batch| {

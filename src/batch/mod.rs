@@ -818,14 +818,6 @@ mod tests {
         (Batcher::new(1, limits, Framing::Records(f), p), c)
     }
 
-    const KINESIS: RecordFraming = RecordFraming {
-        max_record: 1 << 20,
-        max_request: 5 << 20,
-        keys: KeyMode::Random,
-        shape: RecordShape::Single,
-        compression: None,
-    };
-
     fn event(b: &mut Batcher, bytes: &[u8], key: Option<&[u8]>) -> Wrote {
         b.write(None, |out| {
             out.extend_from_slice(bytes);
@@ -842,7 +834,7 @@ mod tests {
 
     #[test]
     fn kinesis_requests_hold_at_most_500_records() {
-        let (mut b, c) = records(KINESIS);
+        let (mut b, c) = records(RecordFraming::KINESIS);
         for i in 0..1200 {
             event(&mut b, format!("{{\"n\":{i}}}\n").as_bytes(), None);
         }
@@ -864,7 +856,7 @@ mod tests {
     fn kinesis_requests_count_data_and_keys_against_the_request_limit() {
         let f = RecordFraming {
             max_request: 10_000,
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         let (mut b, c) = records(f);
         let ev = vec![b'x'; 1000];
@@ -892,7 +884,7 @@ mod tests {
     fn an_event_larger_than_a_record_is_kept_apart_whole() {
         let f = RecordFraming {
             max_record: 100,
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         let (mut b, c) = records(f);
         event(&mut b, b"small", None);
@@ -912,7 +904,7 @@ mod tests {
     fn keys_from_a_field_or_random_when_missing() {
         let f = RecordFraming {
             keys: KeyMode::Field,
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         let (mut b, c) = records(f);
         event(&mut b, b"a", Some(b"container-1"));
@@ -934,7 +926,7 @@ mod tests {
     fn explicit_hash_keys_spread_records_evenly_over_the_shards() {
         let f = RecordFraming {
             keys: KeyMode::Explicit,
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         let (mut b, c) = records(f);
         let map = four_shards();
@@ -1062,7 +1054,7 @@ mod tests {
         let f = RecordFraming {
             max_record: 4096,
             shape: RecordShape::Aggregated,
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         // Four even shards, each with a key that lands on it; and one shard too narrow to
         // find a key for, whose aggregates carry an explicit hash key instead.
@@ -1116,7 +1108,7 @@ mod tests {
     fn aggregates_fill_whole_payload_units() {
         let f = RecordFraming {
             shape: RecordShape::Aggregated,
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         let (mut b, c) = records(f);
         b.set_shards(four_shards());
@@ -1162,7 +1154,7 @@ mod tests {
             max_record: 1 << 20,
             shape: RecordShape::Aggregated,
             compression: Some(crate::decode::Codec::Zstd),
-            ..KINESIS
+            ..RecordFraming::KINESIS
         };
         let (mut b, c) = records(f);
         let events: Vec<Vec<u8>> = (0..1000)

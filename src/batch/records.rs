@@ -4,6 +4,9 @@
 
 use std::io::Write;
 
+use crate::config::{
+    FIREHOSE_MAX_RECORD, FIREHOSE_MAX_REQUEST, KINESIS_MAX_RECORD, KINESIS_MAX_REQUEST,
+};
 use crate::decode::Codec;
 
 /// The KPL aggregated record's magic prefix.
@@ -32,6 +35,25 @@ pub struct RecordFraming {
     pub keys: KeyMode,
     pub shape: RecordShape,
     pub compression: Option<Codec>,
+}
+
+impl RecordFraming {
+    /// PutRecords at the default limits: a record per event, random partition keys.
+    pub const KINESIS: Self = Self {
+        max_record: KINESIS_MAX_RECORD as usize,
+        max_request: KINESIS_MAX_REQUEST as usize,
+        keys: KeyMode::Random,
+        shape: RecordShape::Single,
+        compression: None,
+    };
+    /// PutRecordBatch with lines packed into records.
+    pub const FIREHOSE: Self = Self {
+        max_record: FIREHOSE_MAX_RECORD,
+        max_request: FIREHOSE_MAX_REQUEST,
+        keys: KeyMode::None,
+        shape: RecordShape::Lines,
+        compression: None,
+    };
 }
 
 /// How events are grouped into records.

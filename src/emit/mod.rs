@@ -25,9 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::batch::Batch;
 use crate::batch::records::{Framing, KeyMode, RecordFraming, RecordShape};
-use crate::config::{
-    Config, FIREHOSE_MAX_RECORD, FIREHOSE_MAX_REQUEST, PartitionKey, Sink, SinkKind,
-};
+use crate::config::{Config, PartitionKey, Sink, SinkKind};
 use crate::metrics::{Report, Reporter, SinkCounters};
 use crate::ring::{Consumer, Producer};
 use crate::shards::ShardMap;
@@ -90,15 +88,12 @@ fn framing(kind: &SinkKind, packs_lines: bool) -> Framing {
             compression: k.compression,
         }),
         SinkKind::Firehose(_) => Framing::Records(RecordFraming {
-            max_record: FIREHOSE_MAX_RECORD,
-            max_request: FIREHOSE_MAX_REQUEST,
-            keys: KeyMode::None,
             shape: if packs_lines {
                 RecordShape::Lines
             } else {
                 RecordShape::Single
             },
-            compression: None,
+            ..RecordFraming::FIREHOSE
         }),
     }
 }
