@@ -69,6 +69,9 @@ pub fn exactly_once(
     per_shard
 }
 
+// moto's `Shard.put_record` "is not safe for concurrency": two PutRecords to one shard at
+// once can give two records the same sequence number, and one overwrites the other. So each
+// sink here sends one request at a time (the fake in faults.rs covers concurrency).
 const KINESIS: &str = r#"
 [engine]
 workers = 2
@@ -84,12 +87,14 @@ type = "kinesis"
 stream = "one"
 endpoint = "{endpoint}"
 linger = "100ms"
+max_concurrency = 1
 
 [sinks.plain4]
 type = "kinesis"
 stream = "four"
 endpoint = "{endpoint}"
 linger = "100ms"
+max_concurrency = 1
 
 [sinks.explicit4]
 type = "kinesis"
@@ -98,6 +103,7 @@ endpoint = "{endpoint}"
 partition_key = "explicit"
 compression = "zstd"
 linger = "100ms"
+max_concurrency = 1
 
 [sinks.agg4]
 type = "kinesis"
@@ -105,6 +111,7 @@ stream = "four-agg"
 endpoint = "{endpoint}"
 aggregate = true
 linger = "100ms"
+max_concurrency = 1
 
 [sinks.agg1gz]
 type = "kinesis"
@@ -113,6 +120,7 @@ endpoint = "{endpoint}"
 aggregate = true
 compression = "gzip"
 linger = "100ms"
+max_concurrency = 1
 
 [[routes]]
 match = "plain1"
