@@ -200,6 +200,10 @@ impl Batcher {
             }) => Some(Compressor::new(c)),
             _ => None,
         };
+        let mut rng = Rng::new(seed);
+        // Each core starts its round robin over the shards somewhere of its own, so that
+        // a few aggregates (or explicit keys) do not all land on the first shards.
+        let next_shard = rng.next_u64() as usize;
         Batcher {
             core,
             limits,
@@ -210,8 +214,8 @@ impl Batcher {
             sendable: 0,
             record: None,
             last_len: 64,
-            rng: Rng::new(seed),
-            next_shard: core,
+            rng,
+            next_shard,
             shards: Arc::new(ShardMap::unknown()),
             compressor,
             counts: BatcherCounts::default(),
