@@ -53,18 +53,19 @@ impl AckLedger {
     }
 
     /// A batch carrying the chunk settled, or the frame finished ingesting. Returns true
-    /// when that was the last hold and the ack was queued.
+    /// when that was the last hold and the ack was queued (not for an abandoned chunk).
     pub fn release(&mut self, t: Ticket) -> bool {
         let slot = &mut self.slots[t as usize];
         slot.holds -= 1;
         if slot.holds > 0 {
             return false;
         }
-        if let Some(link) = slot.link.take() {
+        let link = slot.link.take();
+        if let Some(link) = &link {
             link.ack(&slot.chunk);
         }
         self.free.push(t);
-        true
+        link.is_some()
     }
 
     /// Gives up on a chunk whose events will not all be ingested (its connection went
@@ -122,12 +123,13 @@ mod tests {
         l.hold(t); // a batch took some of its events
         l.abandon(t); // the rest never will be
         assert_eq!(link.outstanding(), 0);
-        assert!(l.release(t), "the batch settles and frees the slot");
+        assert!(!l.release(t), "the batch settles: no ack is queued");
         assert!(
             link.take_acks().is_empty(),
             "no ack for a chunk not fully ingested"
         );
         assert_eq!(l.outstanding(), 0);
+        assert_eq!(l.open(&link, b"d"), t, "the slot is free again");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::ack::{AckLedger, Ticket};
 use std::sync::Arc;
 
 use crate::batch::records::Framing;
-use crate::batch::shape::{Encoded, Out, Shape, json_field, msgpack_field};
+use crate::batch::shape::{Encoded, Out, Shape, msgpack_field};
 use crate::batch::{Batch, Batcher};
 use crate::config::Config;
 use crate::conn::Link;
@@ -35,7 +35,7 @@ pub struct CoreSink {
     pub done: Consumer<Batch>,
     pub framing: Framing,
     /// The field partition keys come from, if any.
-    pub key_field: Option<Box<[u8]>>,
+    pub key_field: Option<Box<str>>,
     /// Shard map updates (the current map arrives first).
     pub shards: Option<crossbeam_channel::Receiver<Arc<ShardMap>>>,
 }
@@ -79,7 +79,7 @@ pub struct Shard {
     batchers: Vec<Batcher>,
     done: Vec<Consumer<Batch>>,
     /// Per sink: the partition key field, and shard map updates.
-    key_fields: Vec<Option<Box<[u8]>>>,
+    key_fields: Vec<Option<Box<str>>>,
     shard_feeds: Vec<Option<crossbeam_channel::Receiver<Arc<ShardMap>>>>,
     ledger: AckLedger,
     pub counters: CoreCounters,
@@ -182,7 +182,7 @@ impl Shard {
                 let b = &mut self.batchers[s];
                 let key = self.key_fields[s]
                     .as_deref()
-                    .and_then(|f| msgpack_field(ev.record, f));
+                    .and_then(|f| msgpack_field(ev.record, f.as_bytes()));
                 let w = b.write(ticket, |out| Out {
                     encoded: shape.encode_msgpack(out, tag, ev.time, ev.record),
                     key,
@@ -250,7 +250,7 @@ impl Shard {
             let shape = &mut route.shape;
             let key = self.key_fields[s]
                 .as_deref()
-                .and_then(|f| json_field(obj, f));
+                .and_then(|f| crate::decode::jsonl::field_str(obj, f).map(str::as_bytes));
             let w = self.batchers[s].write(None, |out| Out {
                 encoded: shape.encode_json(out, tag, time, obj),
                 key,

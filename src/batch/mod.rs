@@ -26,7 +26,8 @@ use crate::config::KINESIS_PUT_UNIT;
 use crate::ring::Producer;
 use crate::shards::ShardMap;
 use records::{
-    Compressor, Framing, KPL_MAGIC, KeyMode, MAX_RECORDS, RecordFraming, RecordShape, Rng,
+    Compressor, Framing, KPL_MAGIC, KeyMode, MAX_RECORDS, RANDOM_KEY_LEN, RecordFraming,
+    RecordShape, Rng,
 };
 use shape::{Encoded, Out};
 
@@ -305,8 +306,8 @@ impl Batcher {
                 hash = Some(self.spread());
             }
             KeyMode::Field => match field {
-                Some(k) if records::valid_key(k) => self.open.keys.extend_from_slice(k),
-                _ => {
+                Some(k) => self.open.keys.extend_from_slice(k),
+                None => {
                     self.counts.key_missing += 1;
                     self.rng.key(&mut self.open.keys);
                 }
@@ -317,11 +318,16 @@ impl Batcher {
 
     /// An explicit hash key in the next shard, round robin, at a random point of its range.
     fn spread(&mut self) -> u128 {
-        let n = self.shards.len().max(1);
-        let i = self.next_shard % n;
-        self.next_shard = (i + 1) % n;
+        let i = self.next_shard();
         let r = self.rng.next_u128();
         self.shards.hash_in(i, r)
+    }
+
+    /// The next shard, round robin.
+    fn next_shard(&mut self) -> usize {
+        let i = self.next_shard % self.shards.len();
+        self.next_shard = i + 1;
+        i
     }
 
     /// Adds the record `data[start..end]`.
@@ -362,7 +368,7 @@ impl Batcher {
         mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
     ) -> Wrote {
         loop {
-            let (mark, kmark) = (self.open.data.len(), self.open.keys.len());
+            let mark = self.open.data.len();
             let out = encode(&mut self.open.data);
             if out.encoded != Encoded::Written {
                 self.open.data.truncate(mark);
@@ -371,21 +377,28 @@ impl Batcher {
             if let Some(c) = &mut self.compressor {
                 c.compress_tail(&mut self.open.data, mark);
             }
-            let key = self.key(f.keys, out.key);
-            let size = self.open.data.len() - mark + (key.1 - key.0) as usize;
-            if size > f.max_record {
-                self.push_record(mark, self.open.data.len(), key, 1, true);
-                return self.took(ticket);
-            }
-            if self.sendable > 0
+            // The key is drawn only once the record has its batch: drawing it counts a
+            // missing field and moves the round robin on.
+            let field = out
+                .key
+                .filter(|k| f.keys == KeyMode::Field && records::valid_key(k));
+            let key_len = match f.keys {
+                KeyMode::None => 0,
+                KeyMode::Field => field.map_or(RANDOM_KEY_LEN, <[u8]>::len),
+                KeyMode::Random | KeyMode::Explicit => RANDOM_KEY_LEN,
+            };
+            let size = self.open.data.len() - mark + key_len;
+            let oversize = size > f.max_record;
+            if !oversize
+                && self.sendable > 0
                 && (self.sendable + 1 > MAX_RECORDS || self.req_bytes + size > f.max_request)
             {
                 self.open.data.truncate(mark);
-                self.open.keys.truncate(kmark);
                 self.seal();
                 continue;
             }
-            self.push_record(mark, self.open.data.len(), key, 1, false);
+            let key = self.key(f.keys, field);
+            self.push_record(mark, self.open.data.len(), key, 1, oversize);
             let w = self.took(ticket);
             if self.full(f) {
                 self.seal();
@@ -452,22 +465,23 @@ impl Batcher {
         }
     }
 
-    /// KPL aggregated records, each pinned to one shard by its explicit hash key (Kinesis).
-    /// An aggregate is the magic, then the protobuf `AggregatedRecord` with a one-entry
-    /// partition key table and explicit hash key table that every inner record points to,
-    /// then the MD5 of the protobuf.
+    /// KPL aggregated records, each for one shard (Kinesis; see `open_aggregate`). An
+    /// aggregate is the magic, then the protobuf `AggregatedRecord`, then the MD5 of the
+    /// protobuf. Aggregates end on payload-unit boundaries where they can; an event too
+    /// large for an aggregate goes as a plain record, as the KPL sends it.
     fn write_aggregated<'k>(
         &mut self,
         f: RecordFraming,
         ticket: Option<Ticket>,
         mut encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
     ) -> Wrote {
-        let full = f.max_record
-            - if f.compression.is_some() {
-                COMPRESSION_MARGIN
-            } else {
-                0
-            };
+        // Sizes are checked before compression, which may grow a record by the margin.
+        let margin = if f.compression.is_some() {
+            COMPRESSION_MARGIN
+        } else {
+            0
+        };
+        let full = f.max_record - margin;
         loop {
             if self.record.is_none() {
                 // In the little room a request has left, a new aggregate would cost a whole
@@ -488,14 +502,35 @@ impl Batcher {
             };
             let key_len = (agg.key_end - agg.key_start) as usize;
             let size = self.open.data.len() - agg.start + MD5_LEN + key_len;
-            let room = f.max_request.saturating_sub(self.req_bytes);
+            let room = f
+                .max_request
+                .saturating_sub(self.req_bytes)
+                .saturating_sub(margin);
             if agg.events == 0 {
                 if size > full {
-                    // Alone it does not fit an aggregate: keep the event itself apart.
-                    let (body, end) = (self.open.data.len() - len, self.open.data.len());
+                    // Alone it does not fit an aggregate: it goes as a plain record under
+                    // the aggregate's key. The aggregate's header stays behind in the
+                    // buffer, unsent, rather than the event being copied over it.
                     self.record = None;
-                    self.push_record(body, end, (0, 0, None), 1, true);
-                    return self.took(ticket);
+                    let body = self.open.data.len() - len;
+                    if let Some(c) = &mut self.compressor {
+                        c.compress_tail(&mut self.open.data, body);
+                    }
+                    let size = self.open.data.len() - body + key_len;
+                    let oversize = size > f.max_record;
+                    if !oversize && self.sendable > 0 && self.req_bytes + size > f.max_request {
+                        self.open.data.truncate(agg.start);
+                        self.open.keys.truncate(agg.key_start as usize);
+                        self.seal();
+                        continue;
+                    }
+                    let key = (agg.key_start, agg.key_end, agg.hash);
+                    self.push_record(body, self.open.data.len(), key, 1, oversize);
+                    let w = self.took(ticket);
+                    if self.full(f) {
+                        self.seal();
+                    }
+                    return w;
                 }
                 if size > room && self.sendable > 0 {
                     self.open.data.truncate(agg.start);
@@ -527,17 +562,15 @@ impl Batcher {
     fn open_aggregate(&mut self) {
         let start = self.open.data.len();
         let key_start = self.open.keys.len() as u32;
-        let n = self.shards.len().max(1);
-        let i = self.next_shard % n;
+        let i = self.next_shard();
         let hash = match self.shards.key_for(i) {
             Some(k) => {
-                self.next_shard = (i + 1) % n;
                 self.open.keys.extend_from_slice(k);
                 None
             }
             None => {
                 self.rng.key(&mut self.open.keys);
-                Some(self.spread())
+                Some(self.shards.hash_in(i, self.rng.next_u128()))
             }
         };
         let key_end = self.open.keys.len() as u32;
@@ -935,7 +968,8 @@ mod tests {
         let (mut b, c) = records(f);
         let map = four_shards();
         b.set_shards(map.clone());
-        for _ in 0..400 {
+        // Across two batch boundaries (500 records each): the round robin skips no shard.
+        for _ in 0..1300 {
             event(&mut b, b"e", None);
         }
         b.seal();
@@ -945,7 +979,7 @@ mod tests {
                 per[map.shard_of(r.hash.unwrap())] += 1;
             }
         }
-        assert_eq!(per, [100; 4]);
+        assert_eq!(per, [325; 4]);
     }
 
     #[test]
@@ -1106,6 +1140,42 @@ mod tests {
                 "aggregates spread over the shards: {per:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_event_too_large_for_an_aggregate_goes_as_a_plain_record_on_its_shard() {
+        let f = RecordFraming {
+            max_record: 300,
+            shape: RecordShape::Aggregated,
+            ..RecordFraming::KINESIS
+        };
+        let (mut b, c) = records(f);
+        let map = four_shards();
+        b.set_shards(map.clone());
+        // 260 B: too large with the aggregate's framing, fits a record with its 32 B key.
+        // 290 B: fits nothing.
+        event(&mut b, b"small", None);
+        event(&mut b, &[b'p'; 260], None);
+        event(&mut b, &[b'o'; 290], None);
+        event(&mut b, b"small again", None);
+        b.seal();
+        let batch = drain(&c).pop().unwrap();
+        let plain = batch
+            .records
+            .iter()
+            .find(|r| batch.data_of(r) == [b'p'; 260])
+            .expect("sent as it is, not aggregated");
+        assert!(!plain.oversize);
+        let key = batch.key_of(plain);
+        assert_eq!(
+            map.key_for(map.shard_of(hash_key(key.as_bytes()))),
+            Some(key.as_bytes())
+        );
+        let over: Vec<_> = batch.records.iter().filter(|r| r.oversize).collect();
+        assert_eq!(over.len(), 1);
+        assert_eq!(batch.data_of(over[0]), [b'o'; 290]);
+        assert_eq!(b.counts.oversize, 1);
+        assert_eq!(batch.events, 4);
     }
 
     #[test]

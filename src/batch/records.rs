@@ -92,6 +92,9 @@ pub fn valid_key(key: &[u8]) -> bool {
         }
 }
 
+/// The length of a random partition key.
+pub const RANDOM_KEY_LEN: usize = 32;
+
 /// A fast, non-cryptographic generator for keys and hash spreading (xorshift64*).
 #[derive(Debug)]
 pub struct Rng(u64);
@@ -115,7 +118,7 @@ impl Rng {
         ((self.next_u64() as u128) << 64) | self.next_u64() as u128
     }
 
-    /// Writes a random partition key: 32 hex digits.
+    /// Writes a random partition key: `RANDOM_KEY_LEN` hex digits.
     pub fn key(&mut self, out: &mut Vec<u8>) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         for _ in 0..2 {

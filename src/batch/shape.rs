@@ -103,12 +103,6 @@ pub fn msgpack_field<'a>(record: &'a [u8], field: &[u8]) -> Option<&'a [u8]> {
     None
 }
 
-/// The string value of a top-level field of a parsed JSON object.
-pub fn json_field<'a>(obj: Object<'_, 'a>, field: &[u8]) -> Option<&'a [u8]> {
-    let field = std::str::from_utf8(field).ok()?;
-    crate::decode::jsonl::field_str(obj, field).map(str::as_bytes)
-}
-
 /// What became of one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoded {

@@ -34,7 +34,7 @@ use deliver::{AwsSink, Fallback, Service};
 /// What each core needs to know of one sink.
 pub struct Plan {
     pub framing: Framing,
-    pub key_field: Option<Box<[u8]>>,
+    pub key_field: Option<Box<str>>,
     /// Per core: the feed of shard maps (Kinesis sinks), the current map already in it.
     pub feeds: Vec<Option<crossbeam_channel::Receiver<Arc<ShardMap>>>>,
 }
@@ -257,7 +257,7 @@ async fn build(cfg: &Config) -> (Vec<Task>, Vec<Plan>) {
                 plans.push(Plan {
                     framing: framing(&sink.kind, false),
                     key_field: match &k.key {
-                        PartitionKey::Field(f) => Some(f.as_bytes().into()),
+                        PartitionKey::Field(f) => Some(f.as_str().into()),
                         _ => None,
                     },
                     feeds: rxs.into_iter().map(Some).collect(),
