@@ -66,6 +66,19 @@ struct State {
     rng: Rng,
 }
 
+/// Slows down each of `shards` (which throttled) once; returns them sorted and deduplicated.
+fn slow_down(s: &mut State, shards: &[usize]) -> Vec<usize> {
+    let mut hot = shards.to_vec();
+    hot.sort_unstable();
+    hot.dedup();
+    if let Some(l) = &mut s.limiter {
+        for &sh in &hot {
+            l.throttled(sh);
+        }
+    }
+    hot
+}
+
 impl AwsSink {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -131,7 +144,6 @@ impl AwsSink {
         }
         loop {
             let room = !closed && deliveries.len() < self.state().aimd.limit();
-            let busy = !deliveries.is_empty();
             let ev = futures_lite::future::or(
                 async {
                     if room {
@@ -143,7 +155,7 @@ impl AwsSink {
                 futures_lite::future::or(
                     async {
                         match deliveries.join_next().await {
-                            Some(Ok(b)) if busy => Ev::Done(b),
+                            Some(Ok(b)) => Ev::Done(b),
                             _ => std::future::pending().await,
                         }
                     },
@@ -264,6 +276,7 @@ impl AwsSink {
                 match verdict {
                     Verdict::Done => {
                         self.accepted(&mut s, &batch, &pending, &shards, &landed, &[], &[]);
+                        s.aimd.success();
                         pending.clear();
                         None
                     }
@@ -277,39 +290,36 @@ impl AwsSink {
                             .copied()
                             .chain(dead.iter().map(|d| d.0))
                             .collect();
-                        if throttled {
+                        if throttled.is_empty() {
+                            s.aimd.success();
+                        } else {
                             s.c.throttles += 1;
                             s.aimd.throttled(now);
                         }
-                        let hot: Vec<usize> = if throttled {
-                            retry.iter().map(|&p| shards[p]).collect()
-                        } else {
-                            vec![]
-                        };
+                        let hot: Vec<usize> = throttled.iter().map(|&p| shards[p]).collect();
                         self.accepted(&mut s, &batch, &pending, &shards, &landed, &skip, &hot);
+                        // One dead-letter file per error code, not per record.
                         for (p, code) in dead {
-                            refused.push((
-                                vec![batch.records[pending[p]]],
-                                format!("refused by the service: {code}"),
-                            ));
+                            let reason = format!("refused by the service: {code}");
+                            let record = batch.records[pending[p]];
+                            match refused.iter_mut().find(|r| r.1 == reason) {
+                                Some(r) => r.0.push(record),
+                                None => refused.push((vec![record], reason)),
+                            }
                         }
                         s.c.retries += retry.len() as u64;
                         pending = retry.iter().map(|&p| pending[p]).collect();
-                        attempt += 1;
-                        Some(backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, unit))
+                        // Nothing to resend when every failure was for good.
+                        (!pending.is_empty()).then(|| {
+                            attempt += 1;
+                            backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, unit)
+                        })
                     }
                     Verdict::RetryAll { throttled } => {
                         if throttled {
                             s.c.throttles += 1;
                             s.aimd.throttled(now);
-                            if let Some(l) = &mut s.limiter {
-                                let mut hot = shards.clone();
-                                hot.sort_unstable();
-                                hot.dedup();
-                                for sh in hot {
-                                    l.throttled(sh);
-                                }
-                            }
+                            slow_down(&mut s, &shards);
                         }
                         s.c.retries += pending.len() as u64;
                         attempt += 1;
@@ -369,20 +379,14 @@ impl AwsSink {
                 stale |= !want.id.is_empty() && *got != want.id;
             }
         }
+        let hot = slow_down(s, hot);
         if let Some(l) = &mut s.limiter {
-            let mut hot = hot.to_vec();
-            hot.sort_unstable();
-            hot.dedup();
-            for &sh in &hot {
-                l.throttled(sh);
-            }
             took.sort_unstable();
             took.dedup();
             for sh in took.into_iter().filter(|sh| hot.binary_search(sh).is_err()) {
                 l.succeeded(sh);
             }
         }
-        s.aimd.success();
         if stale {
             self.stale.notify_one();
         }

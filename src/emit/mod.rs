@@ -331,19 +331,24 @@ async fn run_sink(
     let mut next_report = tokio::time::Instant::now() + REPORT_EVERY;
     enum Ev {
         Batch(Option<Batch>),
-        Fallback(Fallback),
+        Fallback(Option<Fallback>),
         Tick,
     }
+    // Runs until both its own inbox and the fallback channel are closed: the AWS sinks
+    // that fall back here may still be draining after the cores are done.
+    let mut inbox_open = true;
     loop {
         let ev = futures_lite::future::or(
-            async { Ev::Batch(inbox.next().await) },
+            async {
+                match inbox_open {
+                    true => Ev::Batch(inbox.next().await),
+                    false => std::future::pending().await,
+                }
+            },
             futures_lite::future::or(
                 async {
                     match &mut fallback {
-                        Some(rx) => match rx.recv().await {
-                            Some(f) => Ev::Fallback(f),
-                            None => std::future::pending().await,
-                        },
+                        Some(rx) => Ev::Fallback(rx.recv().await),
                         None => std::future::pending().await,
                     }
                 },
@@ -356,8 +361,17 @@ async fn run_sink(
         .await;
         let mut batch = match ev {
             Ev::Batch(Some(b)) => b,
-            Ev::Batch(None) => break,
-            Ev::Fallback(f) => {
+            Ev::Batch(None) if fallback.is_none() => break,
+            Ev::Batch(None) => {
+                inbox_open = false;
+                continue;
+            }
+            Ev::Fallback(None) if !inbox_open => break,
+            Ev::Fallback(None) => {
+                fallback = None;
+                continue;
+            }
+            Ev::Fallback(Some(f)) => {
                 // Records another sink could not deliver, written like a batch of ours.
                 let mut b = Batch {
                     data: f.data,

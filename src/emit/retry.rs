@@ -26,11 +26,12 @@ pub enum Outcome {
 pub enum Verdict {
     Done,
     /// Some records failed: send `retry` again (by position in the request), dead-letter
-    /// `dead` with their codes. `throttled`: a failure said to slow down.
+    /// `dead` with their codes. `throttled`: the positions in `retry` that said to slow
+    /// down.
     Partial {
         retry: Vec<usize>,
         dead: Vec<(usize, String)>,
-        throttled: bool,
+        throttled: Vec<usize>,
     },
     /// Send the whole request again after backing off.
     RetryAll {
@@ -85,12 +86,12 @@ fn is_transient(code: &str) -> bool {
 pub fn classify(outcome: &Outcome) -> Verdict {
     match outcome {
         Outcome::Records(codes) => {
-            let (mut retry, mut dead, mut throttled) = (Vec::new(), Vec::new(), false);
+            let (mut retry, mut dead, mut throttled) = (Vec::new(), Vec::new(), Vec::new());
             for (i, code) in codes.iter().enumerate() {
                 match code.as_deref() {
                     None => {}
                     Some(c) if is_throttle(c) => {
-                        throttled = true;
+                        throttled.push(i);
                         retry.push(i);
                     }
                     Some(c) if is_transient(c) => retry.push(i),
@@ -191,7 +192,7 @@ mod tests {
             Verdict::Partial {
                 retry: vec![1, 2],
                 dead: vec![],
-                throttled: true
+                throttled: vec![1]
             }
         );
         // kinesis-local reports an oversize record as a per-record failure.
@@ -203,7 +204,7 @@ mod tests {
             Verdict::Partial {
                 retry: vec![0],
                 dead: vec![(1, "InvalidArgumentException".into())],
-                throttled: false
+                throttled: vec![]
             }
         );
         // Firehose throttles records with ServiceUnavailableException.
@@ -212,7 +213,7 @@ mod tests {
             Verdict::Partial {
                 retry: vec![0],
                 dead: vec![],
-                throttled: true
+                throttled: vec![0]
             }
         );
     }
