@@ -3,13 +3,13 @@
 //! back and the client blocks; the connection stays open and memory stays bounded. Once
 //! the test reads the pipe, every event arrives, once, and every chunk is acked.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::frames::{Mode, Time, connect, frame, read_acks, record};
-use crate::harness::{Opts, PATIENCE, Sluice};
+use crate::harness::{Opts, PATIENCE, Sluice, read_stdout};
 
 const CONFIG: &str = r#"
 [engine]
@@ -120,36 +120,11 @@ fn a_stalled_sink_blocks_the_client_without_loss_or_growth() {
         stats["events_in"]
     );
 
-    // The sink resumes: read everything. Should events be missing, the watchdog ends
-    // sluice so the read below ends and the test fails rather than hangs.
-    let pid = s.pid();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while start.elapsed() < 3 * PATIENCE {
-                if done.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            crate::harness::signal(pid, "KILL");
-        });
-    }
+    // The sink resumes: read everything.
     let mut seen = vec![0u8; FRAMES * PER_FRAME];
-    let mut lines = 0;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let seq = v["seq"].as_u64().unwrap() as usize;
-        seen[seq] += 1;
-        lines += 1;
-        if lines == FRAMES * PER_FRAME {
-            break;
-        }
-    }
-    done.store(true, Ordering::Relaxed);
+    let lines = read_stdout(stdout, s.pid(), FRAMES * PER_FRAME, |v| {
+        seen[v["seq"].as_u64().unwrap() as usize] += 1;
+    });
     assert_eq!(
         lines,
         FRAMES * PER_FRAME,
@@ -215,9 +190,11 @@ fn a_compressed_frame_pauses_mid_frame_instead_of_queueing() {
                 .expect("the connection stays open under backpressure");
         }
     });
-    // The sink is stalled: once the core has paused, memory stays where it is.
-    let stats = s.wait_stat("backpressure_waits", |n| n > 0);
+    // The sink is stalled: once the core has paused, memory and events in stay where they
+    // are (the stats are read again after the wait).
+    s.wait_stat("backpressure_waits", |n| n > 0);
     std::thread::sleep(Duration::from_secs(2));
+    let stats = s.stats();
     let rss = s.rss_kib();
     eprintln!(
         "amplify: {wire} bytes on the wire for {} events; sluice RSS {rss} KiB while stalled, {} events in",
@@ -235,15 +212,14 @@ fn a_compressed_frame_pauses_mid_frame_instead_of_queueing() {
     );
 
     let mut seen = vec![0u8; FRAMES * PER_FRAME];
-    let mut lines = 0;
-    for line in BufReader::new(stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+    let lines = read_stdout(stdout, s.pid(), FRAMES * PER_FRAME, |v| {
         seen[v["s"].as_u64().unwrap() as usize] += 1;
-        lines += 1;
-        if lines == FRAMES * PER_FRAME {
-            break;
-        }
-    }
+    });
+    assert_eq!(
+        lines,
+        FRAMES * PER_FRAME,
+        "sluice was stopped before every event arrived"
+    );
     assert!(seen.iter().all(|&n| n == 1), "every event exactly once");
     assert_eq!(acks.join().unwrap(), FRAMES, "every chunk acked");
     client.join().unwrap();

@@ -1,13 +1,13 @@
 //! The `sluice` command as a user meets it: help, validate, the embedded default config,
 //! the example configs, and start-up failures that say what to change.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::emulators::Emulator;
-use crate::harness::{BIN, Opts, Sluice, scratch_dir};
+use crate::harness::{BIN, Opts, Sluice, read_stdout, scratch_dir};
 use crate::kinesis::{exactly_once, send_acked};
 
 fn sluice(args: &[&str]) -> Output {
@@ -167,13 +167,12 @@ fn embedded_default_config_prints_events_to_stdout() {
     j.write_all(b"{\"tag\":\"app.web\",\"msg\":\"hello from nc\"}\n")
         .unwrap();
     drop(j);
-    let mut out = BufReader::new(s.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let mut v = serde_json::Value::Null;
+    let n = read_stdout(s.stdout.take().unwrap(), s.pid(), 1, |e| v = e);
+    assert_eq!(n, 1, "the line came out on stdout");
     assert_eq!(v["tag"], "app.web");
     assert_eq!(v["msg"], "hello from nc");
-    assert!(v["time"].as_str().unwrap().ends_with('Z'), "{line}");
+    assert!(v["time"].as_str().unwrap().ends_with('Z'), "{v}");
     assert_eq!(s.addr("forward").port(), 24224);
     let (status, logs) = s.stop();
     assert!(

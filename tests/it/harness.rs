@@ -246,6 +246,40 @@ impl Drop for Sluice {
     }
 }
 
+/// Reads `n` JSON lines from sluice's piped stdout, handing each to `each`; returns how
+/// many came. Should fewer come, a watchdog kills sluice after 3 × PATIENCE, so that the
+/// read ends and the test fails rather than hangs.
+pub fn read_stdout(
+    stdout: ChildStdout,
+    pid: u32,
+    n: usize,
+    mut each: impl FnMut(serde_json::Value),
+) -> usize {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                if start.elapsed() > 3 * PATIENCE {
+                    signal(pid, "KILL");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut lines = 0;
+    for line in BufReader::new(stdout).lines().take(n) {
+        let line = line.unwrap();
+        each(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}")));
+        lines += 1;
+    }
+    done.store(true, Ordering::Relaxed);
+    watchdog.join().unwrap();
+    lines
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])

@@ -163,13 +163,10 @@ fn text_format_writes_one_field_and_counts_records_without_it() {
     .unwrap();
     drop(conn);
     s.wait_stat("missing_log_key", |n| n == 1);
-    let text = loop {
+    let text = s.wait_for("21 lines in text.log", |s| {
         let t = std::fs::read_to_string(s.dir.join("text.log")).unwrap_or_default();
-        if t.lines().count() >= 21 {
-            break t;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        (t.lines().count() >= 21).then_some(t)
+    });
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 21);
     for i in 0..20 {
