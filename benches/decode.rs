@@ -1,8 +1,9 @@
 //! Criterion benchmarks of the per-core hot path, one core, no I/O:
 //! - `forward_decode/<mode>/<size>`: find, validate and iterate the events of Forward
 //!   frames in every mode, with 200 B and 2 KiB Docker-style records;
-//! - `packed_to_json/200B`: PackedForward decode plus transcoding to JSON lines, the
-//!   path a Docker log takes to a JSON sink (the 1 GB/s per core bar);
+//! - `packed_to_json/<size>`: PackedForward decode plus transcoding to JSON lines, the
+//!   path a Docker log takes to a JSON sink (`200B` is the 1 GB/s per core bar), and
+//!   `200B+tag+time` with the tag and an RFC 3339 time added to each event;
 //! - `transcode/<size>`: msgpack → JSON of records alone;
 //! - `json_lines/<size>`: line framing, simd-json validation and re-encoding.
 //!

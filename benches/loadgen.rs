@@ -488,7 +488,12 @@ impl Stop {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
             stat[stat.rfind(')').unwrap() + 2..].starts_with('Z')
         };
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !state() {
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not drain within 2 minutes"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let cpu = cpu_seconds(pid);

@@ -7,7 +7,6 @@ shares code with sluice.
   aws_tool.py ENDPOINT read-stream NAME [--compression gzip|zstd]   -> JSON lines
   aws_tool.py ENDPOINT shards NAME                                     -> JSON lines
   aws_tool.py ENDPOINT update-shard-count NAME SHARDS
-  aws_tool.py ENDPOINT split-shard NAME SHARD_ID
   aws_tool.py ENDPOINT create-bucket BUCKET
   aws_tool.py ENDPOINT create-delivery-stream NAME BUCKET
   aws_tool.py ENDPOINT read-bucket BUCKET                               -> the objects' bytes
@@ -111,7 +110,7 @@ def read_stream(k, name, codec):
 
 def main():
     endpoint, cmd, *args = sys.argv[1:]
-    if cmd in ("create-stream", "read-stream", "shards", "update-shard-count", "split-shard"):
+    if cmd in ("create-stream", "read-stream", "shards", "update-shard-count"):
         k = client(endpoint, "kinesis")
     if cmd == "create-stream":
         name, shards = args
@@ -130,13 +129,6 @@ def main():
     elif cmd == "update-shard-count":
         name, n = args
         k.update_shard_count(StreamName=name, TargetShardCount=int(n), ScalingType="UNIFORM_SCALING")
-        wait_active(k, name)
-    elif cmd == "split-shard":
-        name, sid = args
-        shard = next(s for s in all_shards(k, name) if s["ShardId"] == sid)
-        lo = int(shard["HashKeyRange"]["StartingHashKey"])
-        hi = int(shard["HashKeyRange"]["EndingHashKey"])
-        k.split_shard(StreamName=name, ShardToSplit=sid, NewStartingHashKey=str((lo + hi) // 2))
         wait_active(k, name)
     elif cmd == "create-bucket":
         client(endpoint, "s3").create_bucket(Bucket=args[0])

@@ -111,7 +111,7 @@ pub fn keep_sending(addr: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicUsi
     sent.load(Ordering::Relaxed)
 }
 
-/// Every `sink.events.<key>` value of every Stats line so far, in order.
+/// Every value of the counter `key` in every Stats line so far, in order.
 fn series(s: &Sluice, key: &str) -> Vec<u64> {
     s.logs()
         .iter()

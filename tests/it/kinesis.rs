@@ -258,7 +258,7 @@ fn firehose_into_s3_on_moto_packs_lines() {
     let objects = moto.tool(&["read-bucket", "sluice-logs"]);
     let records: Vec<serde_json::Value> = vec![serde_json::json!({"shard": "s3", "data": objects})];
     exactly_once(&records, "fh", 3000);
-    let stats = s.wait_stat("sink.s3.records", |n| n > 0);
+    let stats = s.wait_stat("sink.s3.events", |n| n == 3000);
     assert!(
         stats["sink.s3.records"] * 20 < 3000,
         "lines are packed: {} records for 3000 events",

@@ -40,8 +40,6 @@ pub struct Seen {
     pub payload_units: u64,
     /// Accepted records' data (when kept).
     pub data: Vec<Vec<u8>>,
-    /// Accepted records per shard index.
-    pub per_shard: Vec<u64>,
     pub throttled_records: u64,
     pub throttled_requests: u64,
     pub server_errors: u64,
@@ -77,10 +75,7 @@ impl Fake {
             .map(|s| (s.id.clone(), s.start, s.end))
             .collect();
         let faults = Arc::new(Mutex::new(Faults::default()));
-        let seen = Arc::new(Mutex::new(Seen {
-            per_shard: vec![0; shards.len()],
-            ..Seen::default()
-        }));
+        let seen = Arc::new(Mutex::new(Seen { ..Seen::default() }));
         let shared = Arc::new(Shared {
             shards,
             streams: streams.iter().map(|s| s.to_string()).collect(),
@@ -308,7 +303,6 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                 seen.records += 1;
                 seen.bytes += len as u64;
                 seen.payload_units += (len + r.partition_key.len()).div_ceil(25 * 1024) as u64;
-                seen.per_shard[shard] += 1;
                 if shared.keep {
                     let data = aws_smithy_types::base64::decode(&*r.data).unwrap();
                     seen.data.push(data);
