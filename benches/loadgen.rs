@@ -7,21 +7,30 @@
 //! the run ends when it has drained and exited.
 //!
 //! `--sink` picks what sluice sends to: `null`, or `kinesis`, `kinesis-agg` (KPL
-//! aggregation) or `firehose` (line packing) at the fast fake endpoint of
-//! `tests/support/fake_aws.rs`, run in this process with `--shards` shards. Acks then mean
-//! the fake accepted the records. `--gib X` sends a fixed volume instead of running for a
+//! aggregation), `firehose` (line packing) or `firehose-records` (one event per record) at
+//! the fast fake endpoint of `tests/support/fake_aws.rs`, run in this process with
+//! `--shards` shards. Acks then mean the fake accepted the records. `--tls` makes the fake
+//! speak TLS, as the real endpoints do, with a certificate from a CA made for the run that
+//! sluice trusts through `SSL_CERT_FILE`, as a user trusts a private CA. `--throttle P`
+//! makes the fake throttle a share P of the records; `--capacity` makes each shard (the
+//! whole delivery stream, for Firehose) take at most 1,000 records and 1 MiB a second, as
+//! the service does, and reports the accepted and throttled records second by second. `--gib X` sends a fixed volume instead of running for a
 //! time: X GiB of events sized so that each becomes a record (a JSON line) of exactly
 //! `--event-bytes`, and reports the requests, records and Kinesis PUT payload units (25 KiB
 //! each) the fake was sent, against the minimum, X GiB / 25 KiB.
 //!
 //!   cargo bench --bench loadgen -- [--sink null] [--connections 4] [--seconds 10]
 //!       [--warmup 2] [--events-per-frame 1000] [--event-bytes 200] [--window 8]
-//!       [--workers N] [--shards 8192] [--gib X] [--addr HOST:PORT --pid PID]
+//!       [--workers N] [--shards 8192] [--gib X] [--tls] [--throttle P] [--capacity]
+//!       [--sluice PATH] [--addr HOST:PORT --pid PID]
+//!
+//! `--sluice` starts another build of sluice than this one, to compare two builds in one
+//! session.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it makes three short smoke
-//! runs: to the null sink, 0.01 GiB aggregated into the fake, and 0.01 GiB without acks
-//! line-packed into the fake Firehose; it checks that every chunk is acked and every byte
-//! arrived.
+//! runs: to the null sink, 0.01 GiB aggregated into the fake over TLS, and 0.01 GiB without
+//! acks line-packed into the fake Firehose; it checks that every chunk is acked and every
+//! byte arrived.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -43,6 +52,11 @@ struct Args {
     workers: Option<usize>,
     shards: usize,
     gib: Option<f64>,
+    tls: bool,
+    throttle: f64,
+    capacity: bool,
+    /// The sluice binary to start: this build's, or another (to compare two builds).
+    sluice: String,
     addr: Option<SocketAddr>,
     pid: Option<u32>,
 }
@@ -60,6 +74,10 @@ fn runs() -> Vec<Args> {
         workers: None,
         shards: 8192,
         gib: None,
+        tls: false,
+        throttle: 0.0,
+        capacity: false,
+        sluice: env!("CARGO_BIN_EXE_sluice").into(),
         addr: None,
         pid: None,
     };
@@ -79,6 +97,10 @@ fn runs() -> Vec<Args> {
             "--workers" => a.workers = Some(v().parse().unwrap()),
             "--shards" => a.shards = v().parse().unwrap(),
             "--gib" => a.gib = Some(v().parse().unwrap()),
+            "--tls" => a.tls = true,
+            "--throttle" => a.throttle = v().parse().unwrap(),
+            "--capacity" => a.capacity = true,
+            "--sluice" => a.sluice = v(),
             "--addr" => a.addr = Some(v().parse().unwrap()),
             "--pid" => a.pid = Some(v().parse().unwrap()),
             // cargo and libtest flags we do not use
@@ -86,8 +108,15 @@ fn runs() -> Vec<Args> {
         }
     }
     assert!(
-        ["null", "kinesis", "kinesis-agg", "firehose"].contains(&a.sink.as_str()),
-        "--sink is null, kinesis, kinesis-agg or firehose"
+        [
+            "null",
+            "kinesis",
+            "kinesis-agg",
+            "firehose",
+            "firehose-records"
+        ]
+        .contains(&a.sink.as_str()),
+        "--sink is null, kinesis, kinesis-agg, firehose or firehose-records"
     );
     assert!(
         a.addr.is_none() || a.sink == "null",
@@ -113,6 +142,7 @@ fn runs() -> Vec<Args> {
         Args {
             sink: "kinesis-agg".into(),
             gib: Some(0.01),
+            tls: true,
             ..smoke.clone()
         },
         Args {
@@ -177,17 +207,52 @@ fn size_for_record(bytes: usize) -> usize {
         .unwrap_or_else(|| panic!("no Docker record becomes a {bytes} B record"))
 }
 
+/// What a Kinesis shard takes a second.
+/// <https://docs.aws.amazon.com/streams/latest/dev/service-sizes-and-limits.html>
+const SHARD_RECORDS_PER_SEC: f64 = 1000.0;
+const SHARD_BYTES_PER_SEC: f64 = 1024.0 * 1024.0;
+
 /// `{"ack": "<16 chars>"}`: fixmap, fixstr "ack", fixstr of 16.
 const ACK_LEN: usize = 1 + 4 + 1 + 16;
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+/// Peak resident memory of `pid` in bytes (VmHWM), while it runs.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// CPU seconds of each of `pid`'s threads, summed by thread name.
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let name = &stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()];
+        // Numbered threads (glommio's executors, tokio's workers) count under one name.
+        let name = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        *by.entry(name.to_string()).or_insert(0.0) += stat_seconds(&stat);
+    }
+    by
+}
+
+/// utime + stime from a /proc stat line.
+fn stat_seconds(stat: &str) -> f64 {
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
     // USER_HZ: /proc reports 100 ticks a second on every Linux ABI.
     ticks as f64 / 100.0
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
 }
 
 /// The sink section of sluice's config for `--sink`.
@@ -201,6 +266,9 @@ fn sink_config(sink: &str, fake: Option<&Fake>) -> String {
         ),
         "firehose" => format!(
             "type = \"firehose\"\ndelivery_stream = \"load\"\nendpoint = \"{endpoint}\"\nline_packing = true"
+        ),
+        "firehose-records" => format!(
+            "type = \"firehose\"\ndelivery_stream = \"load\"\nendpoint = \"{endpoint}\"\nline_packing = false"
         ),
         other => unreachable!("{other}"),
     }
@@ -225,7 +293,15 @@ fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut cmd = Command::new(&a.sluice);
+    if let Some(pem) = fake.and_then(|f| f.ca_pem.as_ref()) {
+        // Trusted the way a user trusts a private CA: the SDK's TLS client reads the roots
+        // from SSL_CERT_FILE.
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, pem).unwrap();
+        cmd.env("SSL_CERT_FILE", ca);
+    }
+    let mut child = cmd
         .args(["run", "--config"])
         .arg(&cfg)
         .env("AWS_ACCESS_KEY_ID", "loadgen")
@@ -302,7 +378,17 @@ fn plan(a: &Args) -> Plan {
 }
 
 fn run(a: &Args) {
-    let fake = (a.sink != "null").then(|| Fake::start(a.shards, &["load"], false));
+    let fake = (a.sink != "null").then(|| {
+        let f = Fake::start_with(a.shards, &["load"], false, a.tls);
+        f.set(fake_aws::Faults {
+            throttle_records: a.throttle,
+            capacity: a
+                .capacity
+                .then_some((SHARD_RECORDS_PER_SEC, SHARD_BYTES_PER_SEC)),
+            ..Default::default()
+        });
+        f
+    });
     let (mut child, addr, pid) = match (a.addr, a.pid) {
         (Some(addr), pid) => (None, addr, pid),
         (None, _) => {
@@ -379,13 +465,19 @@ fn run(a: &Args) {
     std::thread::sleep(Duration::from_secs_f64(warmup));
     let (e0, t0) = (acked.load(Ordering::Relaxed), Instant::now());
     let c0 = pid.map(cpu_seconds);
+    let th0 = pid.map(thread_cpu).unwrap_or_default();
     let l0 = cpu_seconds(std::process::id());
+    // Read while sluice runs: a drained sluice's threads and memory are gone.
+    let (mut th1, mut rss) = (Default::default(), None);
     if a.gib.is_none() {
         std::thread::sleep(Duration::from_secs_f64(a.seconds));
     } else if a.window == 0 {
         // Nothing is acked: every frame is sent, then sluice is stopped and drains.
         while !threads.iter().all(|t| t.is_finished()) {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(p) = pid {
+            (th1, rss) = (thread_cpu(p), peak_rss(p));
         }
         drained = Some(child.take().unwrap().drain());
         acked.store(plan.events, Ordering::Relaxed);
@@ -399,6 +491,9 @@ fn run(a: &Args) {
         }
     }
     let (e1, t1) = (acked.load(Ordering::Relaxed), Instant::now());
+    if let (Some(p), None) = (pid, drained) {
+        (th1, rss) = (thread_cpu(p), peak_rss(p));
+    }
     let c1 = drained.or_else(|| pid.map(cpu_seconds));
     let l1 = cpu_seconds(std::process::id());
     sending.store(false, Ordering::Relaxed);
@@ -409,8 +504,14 @@ fn run(a: &Args) {
     let rate = events / secs;
     let wire = plan.frame.0.len() as f64 / plan.per as f64;
     println!(
-        "loadgen: sink {}, {} connections, PackedForward frames of {} events ({:.0} B on the wire each, {} B records), window {}",
-        a.sink, a.connections, plan.per, wire, plan.record, a.window
+        "loadgen: sink {}{}, {} connections, PackedForward frames of {} events ({:.0} B on the wire each, {} B records), window {}",
+        a.sink,
+        if a.tls { " over TLS" } else { "" },
+        a.connections,
+        plan.per,
+        wire,
+        plan.record,
+        a.window
     );
     match a.window {
         0 => println!("  events/s, sent to drained:  {rate:>12.0}"),
@@ -428,6 +529,24 @@ fn run(a: &Args) {
             cpu / (events / 1e6)
         );
         println!("  events per sluice CPU-s:    {:>12.0}", events / cpu);
+        let split: Vec<String> = th1
+            .iter()
+            .map(|(name, c)| (name, c - th0.get(name).copied().unwrap_or(0.0)))
+            .filter(|(_, c)| *c >= 0.01)
+            .map(|(name, c)| format!("{name} {:.0}%", 100.0 * c / cpu))
+            .collect();
+        let upto = if drained.is_some() {
+            " (until the drain)"
+        } else {
+            ""
+        };
+        println!("  CPU by thread{upto}: {}", split.join(", "));
+    }
+    if let Some(r) = rss {
+        println!(
+            "  sluice peak RSS:            {:>9.1} MiB",
+            r as f64 / (1 << 20) as f64
+        );
     }
     let who = if fake.is_some() {
         "loadgen + fake CPU"
@@ -438,6 +557,9 @@ fn run(a: &Args) {
     let acked = if a.window > 0 { " and acked" } else { "" };
     println!("  {:<28}{frames:>12}", format!("frames sent{acked}:"));
     assert!(e1 > 0, "no events were acked");
+    if let Some(fake) = &fake {
+        report_throttling(a, fake);
+    }
 
     if let (Some(fake), Some(gib)) = (&fake, a.gib) {
         assert_eq!(e1, plan.events, "every event acked");
@@ -468,6 +590,57 @@ fn run(a: &Args) {
                 plan.record
             );
         }
+    }
+}
+
+/// What the fake throttled, and under `--capacity`, the accepted rate second by second
+/// against the capacity.
+fn report_throttling(a: &Args, fake: &Fake) {
+    let seen = fake.seen.lock().unwrap();
+    let (acc, thr) = (&seen.accepted_per_sec, &seen.throttled_per_sec);
+    let total = seen.records + seen.throttled_records;
+    if seen.throttled_records > 0 || a.throttle > 0.0 {
+        println!(
+            "  records throttled:          {:>12}  ({:.2}% of {total} sent)",
+            seen.throttled_records,
+            100.0 * seen.throttled_records as f64 / total.max(1) as f64
+        );
+    }
+    if !a.capacity {
+        return;
+    }
+    let streams = if a.sink.starts_with("kinesis") {
+        a.shards
+    } else {
+        1
+    };
+    let cap = SHARD_RECORDS_PER_SEC * streams as f64;
+    println!("  capacity:                   {cap:>12.0} records/s");
+    let mut reached = None;
+    for (s, &n) in acc.iter().enumerate() {
+        let t = thr.get(s).copied().unwrap_or(0);
+        if reached.is_none() && n as f64 >= 0.9 * cap {
+            reached = Some(s);
+        }
+        println!(
+            "    second {s:>3}: accepted {n:>8} ({:>5.1}% of capacity), throttled {t:>7}",
+            100.0 * n as f64 / cap
+        );
+    }
+    // Steady state: every whole second after the first ten, the last (partial) one left out.
+    let steady = 10..acc.len().saturating_sub(1);
+    if !steady.is_empty() {
+        let a: u64 = acc[steady.clone()].iter().sum();
+        let t: u64 = steady.map(|s| thr.get(s).copied().unwrap_or(0)).sum();
+        println!(
+            "  steady state (s 10 on):      {:.1}% of capacity accepted, {:.2}% of records throttled",
+            100.0 * a as f64 / (cap * (acc.len() - 11) as f64),
+            100.0 * t as f64 / (a + t).max(1) as f64
+        );
+    }
+    match reached {
+        Some(s) => println!("  90% of capacity reached in second {s}"),
+        None => println!("  90% of capacity never reached"),
     }
 }
 

@@ -2,13 +2,13 @@
 //! Docker log line each) written into request-shaped batches as the core does it, with
 //! exact accounting of the service limits (records, bytes of data plus partition keys):
 //! - `kinesis/records`: a PutRecords record per event, each with a random partition key;
-//! - `kinesis/records+entries`: the same, plus the SDK's request entries the emitter
-//!   builds from each sealed batch (the one copy of each record it makes);
+//! - `kinesis/records+body`: the same, plus the PutRecords body the emitter writes from each
+//!   sealed batch (base64 data and keys, into a reused buffer);
 //! - `kinesis/aggregated`: KPL aggregates, one shard each, MD5 trailer included;
 //! - `kinesis/aggregated+zstd` and `+gzip`: compressed aggregates;
 //! - `kinesis/records+zstd`: each record compressed alone;
 //! - `firehose/lines`: newline-joined lines packed into PutRecordBatch records, plus the
-//!   SDK's records.
+//!   request body.
 //!
 //! Throughput is in event bytes. Run with `cargo bench --bench requests`.
 
@@ -21,7 +21,7 @@ use sluice::batch::records::{Framing, RecordFraming, RecordShape};
 use sluice::batch::shape::Encoded;
 use sluice::batch::{Batch, BatchLimits, Batcher};
 use sluice::decode::Codec;
-use sluice::emit::aws::{firehose_records, kinesis_entries};
+use sluice::emit::body::{self, Target};
 use sluice::ring::{Consumer, ring};
 use sluice::shards::ShardMap;
 
@@ -91,7 +91,7 @@ fn requests(c: &mut Criterion) {
     };
     let cases = [
         ("records", RecordFraming::KINESIS, false),
-        ("records+entries", RecordFraming::KINESIS, true),
+        ("records+body", RecordFraming::KINESIS, true),
         ("aggregated", aggregated, false),
         (
             "aggregated+zstd",
@@ -118,14 +118,16 @@ fn requests(c: &mut Criterion) {
             false,
         ),
     ];
-    for (name, framing, entries) in cases {
+    let mut out = Vec::new();
+    for (name, framing, with_body) in cases {
         let (mut b, c) = batcher(framing);
         g.bench_function(name, |bench| {
             bench.iter(|| {
                 build(&mut b, &c, &events, |batch| {
-                    if entries {
+                    if with_body {
                         let all: Vec<usize> = (0..batch.records.len()).collect();
-                        black_box(kinesis_entries(batch, &all).unwrap());
+                        body::write(&mut out, Target::StreamName("load"), batch, &all);
+                        black_box(&out);
                     }
                 })
             })
@@ -140,7 +142,8 @@ fn requests(c: &mut Criterion) {
         bench.iter(|| {
             build(&mut b, &c, &events, |batch| {
                 let all: Vec<usize> = (0..batch.records.len()).collect();
-                black_box(firehose_records(batch, &all).unwrap());
+                body::write(&mut out, Target::DeliveryStream("load"), batch, &all);
+                black_box(&out);
             })
         })
     });

@@ -74,6 +74,8 @@ counters!(
         /// The AIMD limit of requests in flight (a gauge).
         concurrency,
         shard_refreshes,
+        /// Times a shard's rate was cut because its records were throttled.
+        shard_cuts,
     }
 );
 

@@ -15,7 +15,7 @@ pub struct Shard {
     pub end: u128,
 }
 
-/// The open shards of a stream, sorted by hash range, each with a partition key that
+/// The open shards of a stream, sorted by hash range, each with a few partition keys that
 /// Kinesis sends to it.
 #[derive(Clone, Debug)]
 pub struct ShardMap {
@@ -23,9 +23,12 @@ pub struct ShardMap {
     /// The shards' range starts, apart, so that a lookup in thousands of shards stays in
     /// cache.
     starts: Vec<u128>,
-    /// A partition key whose MD5 falls in each shard's range, found by trying random keys;
-    /// `None` for a shard too narrow to find one in [`KEY_TRIES`] tries per shard.
-    keys: Vec<Option<[u8; KEY_LEN]>>,
+    /// Up to [`KEYS_PER_SHARD`] partition keys per shard whose MD5 falls in its range, with
+    /// that MD5, found by trying random keys: shard `i`'s are at `i * KEYS_PER_SHARD`, and
+    /// `found[i]` of them are there (none for a shard too narrow to hit in [`KEY_TRIES`]
+    /// tries per shard).
+    keys: Vec<([u8; KEY_LEN], u128)>,
+    found: Vec<u8>,
 }
 
 /// Two maps are the same when their shards are; the keys are only one choice of many.
@@ -36,6 +39,11 @@ impl PartialEq for ShardMap {
 }
 
 const KEY_LEN: usize = 32;
+
+/// Keys kept per shard: random partition keys are drawn from these, so that a record's
+/// shard is known without hashing its key, and consumers still see more than one key per
+/// shard.
+pub const KEYS_PER_SHARD: usize = 4;
 
 /// Random keys tried per shard, in all, to find each shard a key. Shards from even splits
 /// need about ln(shards) each; a shard this rarely hit is narrower than 1/4096 of its
@@ -56,7 +64,8 @@ impl ShardMap {
         }
         shards.sort_by_key(|s| s.start);
         let mut map = ShardMap {
-            keys: vec![None; shards.len()],
+            keys: vec![([0; KEY_LEN], 0); shards.len() * KEYS_PER_SHARD],
+            found: vec![0; shards.len()],
             starts: shards.iter().map(|s| s.start).collect(),
             shards,
         };
@@ -64,19 +73,23 @@ impl ShardMap {
         map
     }
 
-    /// Finds each shard a partition key by hashing random ones.
+    /// Finds each shard its partition keys by hashing random ones.
     fn find_keys(&mut self) {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let mut rng = Rng::new(seed);
-        let (mut missing, mut key) = (self.shards.len(), Vec::with_capacity(KEY_LEN));
+        let mut missing = self.shards.len() * KEYS_PER_SHARD;
+        let mut key = Vec::with_capacity(KEY_LEN);
         for _ in 0..KEY_TRIES * self.shards.len() {
             key.clear();
             rng.key(&mut key);
-            let i = self.shard_of(hash_key(&key));
-            if self.keys[i].is_none() {
-                self.keys[i] = Some(key[..].try_into().expect("32 hex digits"));
+            let hash = hash_key(&key);
+            let i = self.shard_of(hash);
+            let n = self.found[i] as usize;
+            if n < KEYS_PER_SHARD {
+                self.keys[i * KEYS_PER_SHARD + n] = (key[..].try_into().expect("32 digits"), hash);
+                self.found[i] += 1;
                 missing -= 1;
                 if missing == 0 {
                     break;
@@ -85,9 +98,18 @@ impl ShardMap {
         }
     }
 
-    /// A partition key that Kinesis sends to shard `i`, if one was found.
-    pub fn key_for(&self, i: usize) -> Option<&[u8]> {
-        self.keys[i].as_ref().map(|k| &k[..])
+    /// A partition key that Kinesis sends to shard `i`, and its hash key, if one was found.
+    pub fn key_for(&self, i: usize) -> Option<(&[u8], u128)> {
+        self.random_key(i, 0)
+    }
+
+    /// One of shard `i`'s partition keys, chosen by `rand`, and its hash key.
+    pub fn random_key(&self, i: usize, rand: u64) -> Option<(&[u8], u128)> {
+        let n = self.found[i] as u64;
+        (n > 0).then(|| {
+            let (k, h) = &self.keys[i * KEYS_PER_SHARD + (rand % n) as usize];
+            (&k[..], *h)
+        })
     }
 
     /// `n` shards that split the hash space evenly, as CreateStream lays them out (for
@@ -173,8 +195,19 @@ mod tests {
         for n in [1usize, 2, 7, 4096] {
             let m = ShardMap::even(n);
             for i in 0..n {
-                let k = m.key_for(i).expect("a key for every even shard");
-                assert_eq!(m.shard_of(hash_key(k)), i);
+                let (k, h) = m.key_for(i).expect("a key for every even shard");
+                assert_eq!(h, hash_key(k));
+                assert_eq!(m.shard_of(h), i);
+                let mut distinct = std::collections::BTreeSet::new();
+                for r in 0..64 {
+                    let (k, h) = m.random_key(i, r).unwrap();
+                    assert_eq!(m.shard_of(hash_key(k)), i);
+                    assert_eq!(h, hash_key(k));
+                    distinct.insert(k.to_vec());
+                }
+                if n <= 8 {
+                    assert_eq!(distinct.len(), KEYS_PER_SHARD, "every table is full");
+                }
             }
         }
         // A sliver of the hash space gets no key: aggregates for it use an explicit hash key.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::ack::Ticket;
 use crate::config::KINESIS_PUT_UNIT;
 use crate::ring::Producer;
-use crate::shards::ShardMap;
+use crate::shards::{ShardMap, hash_key};
 use records::{
     Compressor, Framing, KPL_MAGIC, KeyMode, MAX_RECORDS, RANDOM_KEY_LEN, RecordFraming,
     RecordShape, Rng,
@@ -42,6 +42,9 @@ pub struct Record {
     pub key_end: u32,
     /// Its explicit hash key, when one was chosen.
     pub hash: Option<u128>,
+    /// The hash key Kinesis routes it by: the explicit one, or the MD5 of the partition key
+    /// (known without hashing for keys from the shard map's tables; 0 for Firehose).
+    pub target: u128,
     pub events: u32,
     /// Larger than a record may be: never sent, dead-lettered.
     pub oversize: bool,
@@ -150,14 +153,22 @@ pub struct BatcherCounts {
     pub key_missing: u64,
 }
 
+/// A record's partition key, `keys[start..end]`, with its explicit hash key if any and the
+/// hash key it is routed by.
+#[derive(Clone, Copy, Debug, Default)]
+struct Key {
+    start: u32,
+    end: u32,
+    hash: Option<u128>,
+    target: u128,
+}
+
 /// The open record a batch is filling (packed lines or a KPL aggregate).
 #[derive(Clone, Copy, Debug)]
 struct Open {
     start: usize,
     events: u32,
-    key_start: u32,
-    key_end: u32,
-    hash: Option<u128>,
+    key: Key,
 }
 
 /// Builds one sink's batches on one core.
@@ -294,16 +305,27 @@ impl Batcher {
         }
     }
 
-    /// Writes a partition key (and explicit hash key) for a new record.
-    fn key(&mut self, mode: KeyMode, field: Option<&[u8]>) -> (u32, u32, Option<u128>) {
-        let start = self.open.keys.len() as u32;
-        let mut hash = None;
+    /// Writes a partition key (and explicit hash key) for a new record. Random keys come
+    /// from the next shard's table, round robin, so their shard is known without an MD5.
+    fn key(&mut self, mode: KeyMode, field: Option<&[u8]>) -> Key {
+        let start = self.open.keys.len();
+        let (mut hash, mut target) = (None, None);
         match mode {
-            KeyMode::None => {}
-            KeyMode::Random => self.rng.key(&mut self.open.keys),
+            KeyMode::None => target = Some(0),
+            KeyMode::Random => {
+                let i = self.next_shard();
+                match self.shards.random_key(i, self.rng.next_u64()) {
+                    Some((k, h)) => {
+                        self.open.keys.extend_from_slice(k);
+                        target = Some(h);
+                    }
+                    None => self.rng.key(&mut self.open.keys),
+                }
+            }
             KeyMode::Explicit => {
                 self.rng.key(&mut self.open.keys);
                 hash = Some(self.spread());
+                target = hash;
             }
             KeyMode::Field => match field {
                 Some(k) => self.open.keys.extend_from_slice(k),
@@ -313,7 +335,13 @@ impl Batcher {
                 }
             },
         }
-        (start, self.open.keys.len() as u32, hash)
+        let target = target.unwrap_or_else(|| hash_key(&self.open.keys[start..]));
+        Key {
+            start: start as u32,
+            end: self.open.keys.len() as u32,
+            hash,
+            target,
+        }
     }
 
     /// An explicit hash key in the next shard, round robin, at a random point of its range.
@@ -331,20 +359,14 @@ impl Batcher {
     }
 
     /// Adds the record `data[start..end]`.
-    fn push_record(
-        &mut self,
-        start: usize,
-        end: usize,
-        key: (u32, u32, Option<u128>),
-        events: u32,
-        oversize: bool,
-    ) {
+    fn push_record(&mut self, start: usize, end: usize, key: Key, events: u32, oversize: bool) {
         self.open.records.push(Record {
             start: start as u32,
             end: end as u32,
-            key_start: key.0,
-            key_end: key.1,
-            hash: key.2,
+            key_start: key.start,
+            key_end: key.end,
+            hash: key.hash,
+            target: key.target,
             events,
             oversize,
         });
@@ -352,7 +374,7 @@ impl Batcher {
             self.counts.oversize += events as u64;
         } else {
             self.sendable += 1;
-            self.req_bytes += end - start + (key.1 - key.0) as usize;
+            self.req_bytes += end - start + (key.end - key.start) as usize;
         }
     }
 
@@ -424,7 +446,7 @@ impl Batcher {
             if self.open.data.len() - mark > f.max_record {
                 // Too large for any record: close the open one before it, keep it apart.
                 self.close_record(mark);
-                self.push_record(mark, self.open.data.len(), (0, 0, None), 1, true);
+                self.push_record(mark, self.open.data.len(), Key::default(), 1, true);
                 return self.took(ticket);
             }
             let record_start = self.record.map_or(mark, |r| r.start);
@@ -443,9 +465,7 @@ impl Batcher {
             let open = self.record.get_or_insert(Open {
                 start: mark,
                 events: 0,
-                key_start: 0,
-                key_end: 0,
-                hash: None,
+                key: Key::default(),
             });
             open.events += 1;
             return self.took(ticket);
@@ -455,13 +475,7 @@ impl Batcher {
     /// Closes the open packed record, which ends at `end`.
     fn close_record(&mut self, end: usize) {
         if let Some(r) = self.record.take() {
-            self.push_record(
-                r.start,
-                end,
-                (r.key_start, r.key_end, r.hash),
-                r.events,
-                false,
-            );
+            self.push_record(r.start, end, r.key, r.events, false);
         }
     }
 
@@ -495,12 +509,12 @@ impl Batcher {
             }
             let agg = self.record.expect("opened above");
             let at = self.open.data.len();
-            let Some(len) = self.encode_inner(agg.hash.is_some(), &mut encode) else {
+            let Some(len) = self.encode_inner(agg.key.hash.is_some(), &mut encode) else {
                 self.open.data.truncate(at);
                 // Only text routes without their field write nothing.
                 return Wrote::not(Encoded::MissingLogKey);
             };
-            let key_len = (agg.key_end - agg.key_start) as usize;
+            let key_len = (agg.key.end - agg.key.start) as usize;
             let size = self.open.data.len() - agg.start + MD5_LEN + key_len;
             let room = f
                 .max_request
@@ -520,12 +534,11 @@ impl Batcher {
                     let oversize = size > f.max_record;
                     if !oversize && self.sendable > 0 && self.req_bytes + size > f.max_request {
                         self.open.data.truncate(agg.start);
-                        self.open.keys.truncate(agg.key_start as usize);
+                        self.open.keys.truncate(agg.key.start as usize);
                         self.seal();
                         continue;
                     }
-                    let key = (agg.key_start, agg.key_end, agg.hash);
-                    self.push_record(body, self.open.data.len(), key, 1, oversize);
+                    self.push_record(body, self.open.data.len(), agg.key, 1, oversize);
                     let w = self.took(ticket);
                     if self.full(f) {
                         self.seal();
@@ -534,7 +547,7 @@ impl Batcher {
                 }
                 if size > room && self.sendable > 0 {
                     self.open.data.truncate(agg.start);
-                    self.open.keys.truncate(agg.key_start as usize);
+                    self.open.keys.truncate(agg.key.start as usize);
                     self.record = None;
                     self.seal();
                     continue;
@@ -563,14 +576,15 @@ impl Batcher {
         let start = self.open.data.len();
         let key_start = self.open.keys.len() as u32;
         let i = self.next_shard();
-        let hash = match self.shards.key_for(i) {
-            Some(k) => {
+        let (hash, target) = match self.shards.key_for(i) {
+            Some((k, target)) => {
                 self.open.keys.extend_from_slice(k);
-                None
+                (None, target)
             }
             None => {
                 self.rng.key(&mut self.open.keys);
-                Some(self.shards.hash_in(i, self.rng.next_u128()))
+                let h = self.shards.hash_in(i, self.rng.next_u128());
+                (Some(h), h)
             }
         };
         let key_end = self.open.keys.len() as u32;
@@ -591,9 +605,12 @@ impl Batcher {
         self.record = Some(Open {
             start,
             events: 0,
-            key_start,
-            key_end,
-            hash,
+            key: Key {
+                start: key_start,
+                end: key_end,
+                hash,
+                target,
+            },
         });
     }
 
@@ -652,7 +669,7 @@ impl Batcher {
         };
         if agg.events == 0 {
             self.open.data.truncate(agg.start);
-            self.open.keys.truncate(agg.key_start as usize);
+            self.open.keys.truncate(agg.key.start as usize);
             return;
         }
         let digest = Md5::digest(&self.open.data[agg.start + KPL_MAGIC.len()..]);
@@ -661,13 +678,7 @@ impl Batcher {
             c.compress_tail(&mut self.open.data, agg.start);
         }
         let end = self.open.data.len();
-        self.push_record(
-            agg.start,
-            end,
-            (agg.key_start, agg.key_end, agg.hash),
-            agg.events,
-            false,
-        );
+        self.push_record(agg.start, end, agg.key, agg.events, false);
     }
 
     /// Seals the open batch, if it holds anything, and tries to push it.
@@ -1128,6 +1139,7 @@ mod tests {
                     let key = batch.key_of(r);
                     let shard = map.shard_of(r.hash.unwrap_or_else(|| hash_key(key.as_bytes())));
                     assert_eq!(r.hash.is_some(), map.key_for(shard).is_none());
+                    assert_eq!(map.shard_of(r.target), shard, "routed as Kinesis will");
                     per[shard] += 1;
                     let inner = deaggregate(batch.data_of(r), key, r.hash);
                     assert_eq!(inner.len(), r.events as usize);
@@ -1169,8 +1181,9 @@ mod tests {
         let key = batch.key_of(plain);
         assert_eq!(
             map.key_for(map.shard_of(hash_key(key.as_bytes()))),
-            Some(key.as_bytes())
+            Some((key.as_bytes(), hash_key(key.as_bytes())))
         );
+        assert_eq!(plain.target, hash_key(key.as_bytes()));
         let over: Vec<_> = batch.records.iter().filter(|r| r.oversize).collect();
         assert_eq!(over.len(), 1);
         assert_eq!(batch.data_of(over[0]), [b'o'; 290]);

@@ -1,22 +1,22 @@
 //! AWS clients and requests: the standard credential chain (environment, profile, web
 //! identity, ECS task role, IMDS), an optional role to assume, an endpoint override, and
-//! the SDK's own retries turned off so that ours are never stacked on them. Every answer
-//! becomes an [`Outcome`] for the pure classifier in `retry`.
+//! the SDK's own retries turned off so that ours are never stacked on them. Request bodies
+//! are written by `body` and put on the SDK's requests before signing. Every answer becomes
+//! an [`Outcome`] for the pure classifier in `retry`.
 
 use std::time::Duration;
 
+use super::body::{FIREHOSE_STUB, KINESIS_STUB, Target, Wire};
+use super::retry::Outcome;
+use crate::batch::Batch;
+use crate::config::{Aws, FirehoseSink, KinesisSink, LinePacking};
+use crate::shards::{Shard, ShardMap};
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_firehose::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::config::http::HttpResponse;
 use aws_sdk_kinesis::error::SdkError;
-use aws_smithy_types::Blob;
-
-use super::retry::Outcome;
-use crate::batch::Batch;
-use crate::config::{Aws, FirehoseSink, KinesisSink, LinePacking};
-use crate::shards::{Shard, ShardMap};
 
 /// Loads the SDK configuration for one sink.
 pub async fn sdk_config(aws: &Aws) -> SdkConfig {
@@ -94,48 +94,39 @@ impl Kinesis {
         self.stream.starts_with("arn:")
     }
 
-    /// Sends records `idx` of `batch` in one PutRecords request. Returns the outcome and,
-    /// for records accepted, the shard each went to.
-    pub async fn put(&self, batch: &Batch, idx: &[usize]) -> (Outcome, Vec<Option<String>>) {
-        let Some(entries) = kinesis_entries(batch, idx) else {
-            return (construction_failure(), vec![]);
-        };
-        let req = self.client.put_records().set_records(Some(entries));
+    fn target(&self) -> Target<'_> {
+        match self.is_arn() {
+            true => Target::StreamArn(&self.stream),
+            false => Target::StreamName(&self.stream),
+        }
+    }
+
+    /// Sends records `idx` of `batch` in one PutRecords request through `wire`. Returns
+    /// the outcome, and whether a record went to another shard than `predicted(position)`.
+    pub async fn put<'a>(
+        &self,
+        batch: &Batch,
+        idx: &[usize],
+        wire: &mut Wire,
+        predicted: &(dyn Fn(usize) -> Option<&'a str> + Sync),
+    ) -> (Outcome, bool) {
+        let (body, answer, bytes) = wire.prepare(self.target(), batch, idx, KINESIS_STUB);
+        let req = self.client.put_records().set_records(Some(vec![]));
         let req = if self.is_arn() {
             req.stream_arn(&self.stream)
         } else {
             req.stream_name(&self.stream)
         };
-        match req.send().await {
-            Ok(out) => {
-                let records = out.records();
-                if records.len() != idx.len() {
-                    // An answer that does not match the request: send it all again.
-                    return (
-                        Outcome::Failed {
-                            code: None,
-                            status: Some(500),
-                        },
-                        vec![],
-                    );
-                }
-                let codes = records
-                    .iter()
-                    .map(|r| r.error_code().map(str::to_string))
-                    .collect();
-                let shards = records
-                    .iter()
-                    .map(|r| {
-                        if r.error_code().is_none() {
-                            r.shard_id().map(str::to_string)
-                        } else {
-                            None
-                        }
-                    })
-                    .collect();
-                (Outcome::Records(codes), shards)
-            }
-            Err(e) => (outcome_of(&e), vec![]),
+        let sent = req
+            .customize()
+            .interceptor(body)
+            .interceptor(answer)
+            .send()
+            .await;
+        wire.reclaim(bytes);
+        match sent {
+            Ok(_) => wire.read("Records", idx.len(), predicted),
+            Err(e) => (outcome_of(&e), false),
         }
     }
 
@@ -202,32 +193,27 @@ impl Firehose {
         }
     }
 
-    /// Sends records `idx` of `batch` in one PutRecordBatch request.
-    pub async fn put(&self, batch: &Batch, idx: &[usize]) -> Outcome {
-        let Some(records) = firehose_records(batch, idx) else {
-            return construction_failure();
-        };
-        let req = self
+    /// Sends records `idx` of `batch` in one PutRecordBatch request, as [`Kinesis::put`].
+    pub async fn put(&self, batch: &Batch, idx: &[usize], wire: &mut Wire) -> Outcome {
+        let (body, answer, bytes) = wire.prepare(
+            Target::DeliveryStream(&self.stream),
+            batch,
+            idx,
+            FIREHOSE_STUB,
+        );
+        let sent = self
             .client
             .put_record_batch()
             .delivery_stream_name(&self.stream)
-            .set_records(Some(records));
-        match req.send().await {
-            Ok(out) => {
-                let responses = out.request_responses();
-                if responses.len() != idx.len() {
-                    return Outcome::Failed {
-                        code: None,
-                        status: Some(500),
-                    };
-                }
-                Outcome::Records(
-                    responses
-                        .iter()
-                        .map(|r| r.error_code().map(str::to_string))
-                        .collect(),
-                )
-            }
+            .set_records(Some(vec![]))
+            .customize()
+            .interceptor(body)
+            .interceptor(answer)
+            .send()
+            .await;
+        wire.reclaim(bytes);
+        match sent {
+            Ok(_) => wire.read("RequestResponses", idx.len(), &|_| None).0,
             Err(e) => outcome_of(&e),
         }
     }
@@ -297,49 +283,5 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
             }
             msg
         }
-    }
-}
-
-/// The PutRecords entries for records `idx` of `batch`. The SDK's request owns each
-/// record's bytes: this is the one copy the emitter makes. `None` if the SDK refuses to
-/// build one (it never should: every field it requires is set).
-pub fn kinesis_entries(
-    batch: &Batch,
-    idx: &[usize],
-) -> Option<Vec<aws_sdk_kinesis::types::PutRecordsRequestEntry>> {
-    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-    idx.iter()
-        .map(|&i| {
-            let r = &batch.records[i];
-            PutRecordsRequestEntry::builder()
-                .data(Blob::new(batch.data_of(r).to_vec()))
-                .partition_key(batch.key_of(r))
-                .set_explicit_hash_key(r.hash.map(|h| h.to_string()))
-                .build()
-                .ok()
-        })
-        .collect()
-}
-
-/// The PutRecordBatch records for records `idx` of `batch`, as [`kinesis_entries`].
-pub fn firehose_records(
-    batch: &Batch,
-    idx: &[usize],
-) -> Option<Vec<aws_sdk_firehose::types::Record>> {
-    idx.iter()
-        .map(|&i| {
-            let data = batch.data_of(&batch.records[i]).to_vec();
-            aws_sdk_firehose::types::Record::builder()
-                .data(Blob::new(data))
-                .build()
-                .ok()
-        })
-        .collect()
-}
-
-fn construction_failure() -> Outcome {
-    Outcome::Failed {
-        code: Some("ConstructionFailure".into()),
-        status: None,
     }
 }

@@ -13,20 +13,28 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::aws::{Firehose, Kinesis};
+use super::body::Wire;
 use super::limiter::ShardLimiter;
 use super::retry::{Aimd, Outcome, Verdict, backoff, classify};
 use super::{Inbox, Ports, REPORT_EVERY, give_back};
 use crate::batch::records::Rng;
 use crate::batch::{Batch, Record};
 use crate::metrics::{Report, Reporter, SinkCounters};
-use crate::shards::{ShardMap, hash_key};
+use crate::shards::ShardMap;
 
 /// Retries start this long and wait at most this long.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
+/// The longest wait before resending the records an answer failed, when it took others.
+const PROGRESS_JITTER: Duration = Duration::from_millis(5);
+
 /// How soon after a throttle the concurrency limit may be halved again.
 const AIMD_COOLDOWN: Duration = Duration::from_millis(500);
+
+/// Each record's predicted shard, what a request takes from each shard (shard, records,
+/// bytes), and the map the prediction is from.
+type Prediction = (Vec<usize>, Vec<(usize, u64, u64)>, Arc<ShardMap>);
 
 /// Records handed to a fallback sink, and word back once they are written.
 pub struct Fallback {
@@ -64,16 +72,20 @@ struct State {
     failed: BTreeMap<String, u64>,
     dead_seq: u64,
     rng: Rng,
+    /// Request buffers not in use (at most one per delivery in flight).
+    wires: Vec<Wire>,
 }
 
 /// Slows down each of `shards` (which throttled) once; returns them sorted and deduplicated.
-fn slow_down(s: &mut State, shards: &[usize]) -> Vec<usize> {
+fn slow_down(s: &mut State, shards: &[usize], now: Instant) -> Vec<usize> {
     let mut hot = shards.to_vec();
     hot.sort_unstable();
     hot.dedup();
     if let Some(l) = &mut s.limiter {
         for &sh in &hot {
-            l.throttled(sh);
+            if l.throttled(sh, now) {
+                s.c.shard_cuts += 1;
+            }
         }
     }
     hot
@@ -116,6 +128,7 @@ impl AwsSink {
                 failed: BTreeMap::new(),
                 dead_seq: 0,
                 rng: Rng::new(0x5eed ^ index as u64),
+                wires: Vec::new(),
             }),
             stale: Notify::new(),
         }
@@ -251,12 +264,25 @@ impl AwsSink {
             .filter(|&i| !batch.records[i].oversize)
             .collect();
         let mut attempt = 0u32;
+        // The request's buffers, reused from delivery to delivery.
+        let mut wire = self.state().wires.pop().unwrap_or_default();
         while !pending.is_empty() {
-            let (shards, need) = self.predict(&batch, &pending);
+            let (shards, need, map) = self.predict(&batch, &pending);
             self.admit(&need).await;
-            let (outcome, landed) = match &self.service {
-                Service::Kinesis(k) => k.put(&batch, &pending).await,
-                Service::Firehose(f) => (f.put(&batch, &pending).await, vec![]),
+            let outcome = match &self.service {
+                Service::Kinesis(k) => {
+                    let predicted = |p: usize| {
+                        let id = &map.shards().get(shards[p])?.id;
+                        (!id.is_empty()).then_some(id.as_str())
+                    };
+                    let (outcome, stale) = k.put(&batch, &pending, &mut wire, &predicted).await;
+                    if stale {
+                        // A record went to another shard than predicted: the map is stale.
+                        self.stale.notify_one();
+                    }
+                    outcome
+                }
+                Service::Firehose(f) => f.put(&batch, &pending, &mut wire).await,
             };
             let verdict = classify(&outcome);
             let now = Instant::now();
@@ -275,7 +301,7 @@ impl AwsSink {
                 let unit = s.rng.next_u64() as f64 / u64::MAX as f64;
                 match verdict {
                     Verdict::Done => {
-                        self.accepted(&mut s, &batch, &pending, &shards, &landed, &[], &[]);
+                        self.accepted(&mut s, &batch, &pending, &shards, &[], &[]);
                         s.aimd.success();
                         pending.clear();
                         None
@@ -290,14 +316,14 @@ impl AwsSink {
                             .copied()
                             .chain(dead.iter().map(|d| d.0))
                             .collect();
-                        if throttled.is_empty() {
-                            s.aimd.success();
-                        } else {
+                        // A throttled record speaks of its shard, whose bucket slows; the
+                        // stream-wide limit reacts only when most of an answer throttled.
+                        if !throttled.is_empty() {
                             s.c.throttles += 1;
-                            s.aimd.throttled(now);
                         }
+                        s.aimd.answered(now, throttled.len(), pending.len());
                         let hot: Vec<usize> = throttled.iter().map(|&p| shards[p]).collect();
-                        self.accepted(&mut s, &batch, &pending, &shards, &landed, &skip, &hot);
+                        self.accepted(&mut s, &batch, &pending, &shards, &skip, &hot);
                         // One dead-letter file per error code, not per record.
                         for (p, code) in dead {
                             let reason = format!("refused by the service: {code}");
@@ -308,18 +334,23 @@ impl AwsSink {
                             }
                         }
                         s.c.retries += retry.len() as u64;
+                        // An answer that took records was progress: the retry waits only a
+                        // short jitter (the shard buckets pace it), and the exponential
+                        // backoff starts again. One that took none backs off further.
+                        let took = pending.len() - skip.len();
+                        attempt = if took > 0 { 0 } else { attempt + 1 };
                         pending = retry.iter().map(|&p| pending[p]).collect();
                         // Nothing to resend when every failure was for good.
-                        (!pending.is_empty()).then(|| {
-                            attempt += 1;
-                            backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, unit)
+                        (!pending.is_empty()).then(|| match attempt {
+                            0 => PROGRESS_JITTER.mul_f64(unit),
+                            a => backoff(a, BACKOFF_BASE, BACKOFF_CAP, unit),
                         })
                     }
                     Verdict::RetryAll { throttled } => {
                         if throttled {
                             s.c.throttles += 1;
                             s.aimd.throttled(now);
-                            slow_down(&mut s, &shards);
+                            slow_down(&mut s, &shards, now);
                         }
                         s.c.retries += pending.len() as u64;
                         attempt += 1;
@@ -342,25 +373,22 @@ impl AwsSink {
                 tokio::time::sleep(w).await;
             }
         }
+        self.state().wires.push(wire);
         batch
     }
 
-    /// Counts accepted records (all of `pending` but the positions in `skip`), moves each
-    /// shard's bucket once for this answer (down for the shards in `hot`, which throttled,
-    /// up for the others that took records), and checks where records landed against the
-    /// shard map.
-    #[allow(clippy::too_many_arguments)]
+    /// Counts accepted records (all of `pending` but the positions in `skip`), and moves
+    /// each shard's bucket once for this answer (down for the shards in `hot`, which
+    /// throttled, up for the others that took records).
     fn accepted(
         &self,
         s: &mut State,
         batch: &Batch,
         pending: &[usize],
         shards: &[usize],
-        landed: &[Option<String>],
         skip: &[usize],
         hot: &[usize],
     ) {
-        let mut stale = false;
         let mut skipped = vec![false; pending.len()];
         for &p in skip {
             skipped[p] = true;
@@ -374,12 +402,8 @@ impl AwsSink {
             s.c.records += 1;
             s.c.bytes += (r.end - r.start) as u64;
             took.push(shards[p]);
-            if let (Some(Some(got)), Some(want)) = (landed.get(p), s.shards.shards().get(shards[p]))
-            {
-                stale |= !want.id.is_empty() && *got != want.id;
-            }
         }
-        let hot = slow_down(s, hot);
+        let hot = slow_down(s, hot, Instant::now());
         if let Some(l) = &mut s.limiter {
             took.sort_unstable();
             took.dedup();
@@ -387,25 +411,20 @@ impl AwsSink {
                 l.succeeded(sh);
             }
         }
-        if stale {
-            self.stale.notify_one();
-        }
     }
 
-    /// Each pending record's predicted shard, and what the request takes from each shard.
-    fn predict(&self, batch: &Batch, pending: &[usize]) -> (Vec<usize>, Vec<(usize, u64, u64)>) {
+    /// Each pending record's predicted shard, what the request takes from each shard, and
+    /// the map the prediction is from.
+    fn predict(&self, batch: &Batch, pending: &[usize]) -> Prediction {
         let s = self.state();
         if s.limiter.is_none() {
-            return (vec![0; pending.len()], vec![]);
+            return (vec![0; pending.len()], vec![], s.shards.clone());
         }
         let mut shards = Vec::with_capacity(pending.len());
         let mut each: Vec<(usize, u64)> = Vec::with_capacity(pending.len());
         for &i in pending {
             let r = &batch.records[i];
-            let hash = r
-                .hash
-                .unwrap_or_else(|| hash_key(batch.key_of(r).as_bytes()));
-            let sh = s.shards.shard_of(hash);
+            let sh = s.shards.shard_of(r.target);
             shards.push(sh);
             each.push((sh, (r.end - r.start + r.key_end - r.key_start) as u64));
         }
@@ -421,7 +440,7 @@ impl AwsSink {
                 _ => need.push((sh, 1, bytes)),
             }
         }
-        (shards, need)
+        (shards, need, s.shards.clone())
     }
 
     /// Waits for a request slot under the concurrency limit and for the shards' tokens.

@@ -1,6 +1,8 @@
 //! Per-shard token buckets. A Kinesis shard takes 1,000 records/s and 1 MiB/s; each bucket
 //! aims at a fraction of that (the headroom), halves it when its shard reports
-//! `ProvisionedThroughputExceededException`, and grows it back as requests succeed. A
+//! `ProvisionedThroughputExceededException` (at most once per [`SHARD_COOLDOWN`], so that
+//! the answers to requests already in flight count as one signal), and grows it back as
+//! requests succeed. A
 //! bucket may go into debt by one request, so a record larger than a second's allowance
 //! still goes, then waits its turn.
 //! <https://docs.aws.amazon.com/streams/latest/dev/service-sizes-and-limits.html>
@@ -13,12 +15,17 @@ pub const SHARD_BYTES_PER_SEC: f64 = 1024.0 * 1024.0;
 /// The lowest fraction a throttled shard falls to.
 const MIN_FRACTION: f64 = 0.05;
 
+/// How soon after a cut a shard's rate may be cut again: Kinesis counts a shard's
+/// throughput per second.
+pub const SHARD_COOLDOWN: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 struct Bucket {
     records: f64,
     bytes: f64,
     fraction: f64,
     at: Instant,
+    cut: Option<Instant>,
 }
 
 impl Bucket {
@@ -28,6 +35,7 @@ impl Bucket {
             bytes: SHARD_BYTES_PER_SEC * fraction,
             fraction,
             at: now,
+            cut: None,
         }
     }
 
@@ -93,10 +101,19 @@ impl ShardLimiter {
         Ok(())
     }
 
-    pub fn throttled(&mut self, shard: usize) {
-        if let Some(b) = self.buckets.get_mut(shard) {
+    /// Halves `shard`'s rate unless it was cut within the cooldown; returns whether it was.
+    pub fn throttled(&mut self, shard: usize, now: Instant) -> bool {
+        let Some(b) = self.buckets.get_mut(shard) else {
+            return false;
+        };
+        let cut = b
+            .cut
+            .is_none_or(|t| now.duration_since(t) >= SHARD_COOLDOWN);
+        if cut {
             b.fraction = (b.fraction * 0.5).max(MIN_FRACTION);
+            b.cut = Some(now);
         }
+        cut
     }
 
     pub fn succeeded(&mut self, shard: usize) {
@@ -161,12 +178,14 @@ mod tests {
         let t0 = Instant::now();
         let mut l = ShardLimiter::new(2, 0.9, t0);
         assert_eq!(l.rate(0), 900);
-        l.throttled(0);
-        l.throttled(0);
+        l.throttled(0, t0);
+        l.throttled(0, t0 + Duration::from_millis(300));
+        assert_eq!(l.rate(0), 450, "one cut per cooldown");
+        l.throttled(0, t0 + SHARD_COOLDOWN);
         assert_eq!(l.rate(0), 225);
         assert_eq!(l.rate(1), 900);
-        for _ in 0..5 {
-            l.throttled(0);
+        for k in 2..8 {
+            l.throttled(0, t0 + SHARD_COOLDOWN * k);
         }
         assert_eq!(l.rate(0), 50, "floor");
         for _ in 0..100 {

@@ -1,5 +1,5 @@
-//! Emit stage: the sink tasks. A tokio runtime beside the glommio cores runs one task per
-//! sink; each takes sealed batches from every core's ring, writes or sends them, and hands
+//! Emit stage: the sink tasks. A tokio runtime beside the glommio cores, with a thread per
+//! core, runs one task per sink; each takes sealed batches from every core's ring, writes or sends them, and hands
 //! each one back to its core through the completion ring, which settles the batch's acks.
 //!
 //! Before the cores start, the emitter builds what they need from the services: each
@@ -9,6 +9,7 @@
 //! back once its sink has it. AWS sinks are in `deliver`.
 
 pub mod aws;
+pub mod body;
 mod dead;
 mod deliver;
 mod file;
@@ -112,8 +113,10 @@ impl Emitter {
         ports: Vec<Ports>,
         reporter: Reporter,
     ) -> std::io::Result<(Emitter, Vec<Plan>)> {
+        // As many threads as cores: the request work (signing, TLS, answers) of every core
+        // lands here, and one thread would cap the whole process.
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(cfg.engine.workers.max(1))
             .thread_name("sluice-emit")
             .enable_all()
             .build()?;

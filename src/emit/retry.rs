@@ -132,6 +132,10 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Durati
     ceiling.mul_f64(unit.clamp(0.0, 1.0))
 }
 
+/// The share of an answer's records that must be throttled for the stream-wide limit to
+/// be cut, as a whole-request throttle cuts it.
+pub const STREAM_THROTTLE_SHARE: f64 = 0.5;
+
 /// The number of requests allowed in flight: up by one per window of successes, halved on
 /// a throttle (at most once per `cooldown`, so one burst of throttled replies counts once).
 #[derive(Clone, Debug)]
@@ -159,6 +163,18 @@ impl Aimd {
 
     pub fn success(&mut self) {
         self.limit = (self.limit + 1.0 / self.limit).min(self.max);
+    }
+
+    /// Reacts to an answer that throttled `throttled` of its `records`: a cut when most
+    /// of them were, growth otherwise. Per-record throttles are mostly a few hot shards
+    /// (Kinesis) or a share the service refuses whatever the rate; a limit halved on each
+    /// such answer collapses to one request in flight and stays there.
+    pub fn answered(&mut self, now: Instant, throttled: usize, records: usize) {
+        if throttled as f64 > STREAM_THROTTLE_SHARE * records as f64 {
+            self.throttled(now);
+        } else {
+            self.success();
+        }
     }
 
     pub fn throttled(&mut self, now: Instant) {
@@ -298,5 +314,19 @@ mod tests {
         let mut low = Aimd::new(1, 64, Duration::ZERO);
         low.throttled(t0);
         assert_eq!(low.limit(), 1);
+    }
+
+    #[test]
+    fn aimd_is_cut_only_when_most_of_an_answer_throttled() {
+        let t0 = Instant::now();
+        let mut a = Aimd::new(16, 64, Duration::ZERO);
+        // 30% of every answer throttled, answer after answer: the limit grows, not falls.
+        for k in 0..100 {
+            a.answered(t0 + Duration::from_millis(k), 150, 500);
+        }
+        assert!(a.limit() > 16, "{}", a.limit());
+        let before = a.limit();
+        a.answered(t0 + Duration::from_secs(1), 400, 500);
+        assert_eq!(a.limit(), before / 2, "a majority throttled cuts the limit");
     }
 }

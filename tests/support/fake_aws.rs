@@ -2,7 +2,9 @@
 //! emulators cannot do: throttling, partial failures, 5xx, outages, and speed. It answers
 //! PutRecords, ListShards, PutRecordBatch and DescribeDeliveryStream; records go to shards
 //! by explicit hash key or by the MD5 of their partition key, as Kinesis does. Faults are
-//! switched while it runs. Shared by the integration tests and the load generator.
+//! switched while it runs. It speaks plain HTTP or, like the real endpoints, TLS, with a
+//! certificate from a test CA made at start-up. Shared by the integration tests and the
+//! load generator.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,6 +30,18 @@ pub struct Faults {
     pub server_errors: f64,
     /// Until then, connections are closed without an answer.
     pub outage_until: Option<Instant>,
+    /// Behave like the service: each shard (each delivery stream, for Firehose) takes at
+    /// most `(records, bytes)` per second, with a second's worth of burst, and throttles
+    /// the excess record by record.
+    pub capacity: Option<(f64, f64)>,
+}
+
+/// A shard's allowance under [`Faults::capacity`].
+#[derive(Clone, Copy, Debug)]
+struct Allowance {
+    records: f64,
+    bytes: f64,
+    at: Instant,
 }
 
 /// What the fake has seen.
@@ -44,12 +58,31 @@ pub struct Seen {
     pub throttled_requests: u64,
     pub server_errors: u64,
     pub dropped_connections: u64,
+    /// Per second since the fake started: records accepted and records throttled.
+    pub accepted_per_sec: Vec<u64>,
+    pub throttled_per_sec: Vec<u64>,
+}
+
+impl Seen {
+    fn tally(&mut self, since: Instant, accepted: bool) {
+        let sec = since.elapsed().as_secs() as usize;
+        let v = match accepted {
+            true => &mut self.accepted_per_sec,
+            false => &mut self.throttled_per_sec,
+        };
+        if v.len() <= sec {
+            v.resize(sec + 1, 0);
+        }
+        v[sec] += 1;
+    }
 }
 
 pub struct Fake {
     pub addr: SocketAddr,
     pub faults: Arc<Mutex<Faults>>,
     pub seen: Arc<Mutex<Seen>>,
+    /// The test CA's certificate (PEM), when the fake speaks TLS.
+    pub ca_pem: Option<String>,
     stop: Arc<AtomicBool>,
 }
 
@@ -61,12 +94,47 @@ struct Shared {
     faults: Arc<Mutex<Faults>>,
     seen: Arc<Mutex<Seen>>,
     rng: Mutex<u64>,
+    started: Instant,
+    /// Under [`Faults::capacity`]: each shard's allowance (one for all of Firehose).
+    allowance: Mutex<Vec<Option<Allowance>>>,
+}
+
+/// A CA made for one run, and a server certificate it signed for 127.0.0.1 and localhost.
+fn test_tls() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(vec![]).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "sluice test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], der)
+    .unwrap();
+    (ca_cert.pem(), Arc::new(config))
 }
 
 impl Fake {
-    /// Starts the fake with `shards` shards over the hash space; `streams` names what
-    /// exists; `keep` stores accepted records' data.
+    /// Starts the fake, plain HTTP, with `shards` shards over the hash space; `streams`
+    /// names what exists; `keep` stores accepted records' data.
     pub fn start(shards: usize, streams: &[&str], keep: bool) -> Fake {
+        Fake::start_with(shards, streams, keep, false)
+    }
+
+    /// As [`Fake::start`], over TLS when `tls`.
+    pub fn start_with(shards: usize, streams: &[&str], keep: bool, tls: bool) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shards: Vec<(String, u128, u128)> = sluice::shards::ShardMap::even(shards)
@@ -76,6 +144,7 @@ impl Fake {
             .collect();
         let faults = Arc::new(Mutex::new(Faults::default()));
         let seen = Arc::new(Mutex::new(Seen { ..Seen::default() }));
+        let allowance = Mutex::new(vec![None; shards.len().max(1)]);
         let shared = Arc::new(Shared {
             shards,
             streams: streams.iter().map(|s| s.to_string()).collect(),
@@ -83,7 +152,16 @@ impl Fake {
             faults: faults.clone(),
             seen: seen.clone(),
             rng: Mutex::new(0x9e37_79b9_7f4a_7c15),
+            started: Instant::now(),
+            allowance,
         });
+        let (ca_pem, tls) = match tls {
+            true => {
+                let (pem, config) = test_tls();
+                (Some(pem), Some(config))
+            }
+            false => (None, None),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         std::thread::spawn(move || {
@@ -92,20 +170,34 @@ impl Fake {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
+                let _ = conn.set_nodelay(true);
                 let shared = shared.clone();
-                std::thread::spawn(move || serve(conn, &shared));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, &shared),
+                    Some(config) => {
+                        let Ok(session) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        serve(rustls::StreamOwned::new(session, conn), &shared);
+                    }
+                });
             }
         });
         Fake {
             addr,
             faults,
             seen,
+            ca_pem,
             stop,
         }
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca_pem {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub fn set(&self, f: Faults) {
@@ -132,6 +224,28 @@ impl Shared {
         (*s >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 
+    /// Whether shard `i` takes a record of `bytes` now, under `capacity`.
+    fn admits(&self, i: usize, bytes: usize, capacity: (f64, f64)) -> bool {
+        let now = Instant::now();
+        let mut all = self.allowance.lock().unwrap();
+        let a = all[i].get_or_insert(Allowance {
+            records: capacity.0,
+            bytes: capacity.1,
+            at: now,
+        });
+        let dt = now.duration_since(a.at).as_secs_f64();
+        a.at = now;
+        a.records = (a.records + dt * capacity.0).min(capacity.0);
+        a.bytes = (a.bytes + dt * capacity.1).min(capacity.1);
+        if a.records >= 1.0 && a.bytes >= bytes as f64 {
+            a.records -= 1.0;
+            a.bytes -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+
     fn shard_of(&self, hash: u128) -> usize {
         self.shards
             .iter()
@@ -141,10 +255,8 @@ impl Shared {
 }
 
 /// Serves one keep-alive connection.
-fn serve(conn: TcpStream, shared: &Shared) {
-    let _ = conn.set_nodelay(true);
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut out = conn;
+fn serve<S: Read + Write>(conn: S, shared: &Shared) {
+    let mut reader = BufReader::with_capacity(64 << 10, conn);
     loop {
         let mut target = String::new();
         let mut len = 0usize;
@@ -184,7 +296,12 @@ fn serve(conn: TcpStream, shared: &Shared) {
             "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nx-amzn-RequestId: fake\r\n\r\n{reply}",
             reply.len()
         );
-        if out.write_all(whole.as_bytes()).is_err() {
+        let out = reader.get_mut();
+        if out
+            .write_all(whole.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             return;
         }
     }
@@ -279,17 +396,6 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                 if !results.is_empty() {
                     results.push(',');
                 }
-                if shared.chance(faults.throttle_records) {
-                    failed += 1;
-                    seen.throttled_records += 1;
-                    let code = if kinesis {
-                        "ProvisionedThroughputExceededException"
-                    } else {
-                        "ServiceUnavailableException"
-                    };
-                    let _ = write!(results, r#"{{"ErrorCode":"{code}","ErrorMessage":"injected"}}"#);
-                    continue;
-                }
                 let hash = r
                     .explicit_hash_key
                     .as_deref()
@@ -298,8 +404,24 @@ fn answer(target: &str, body: &[u8], faults: &Faults, shared: &Shared) -> (u16, 
                         use md5::{Digest, Md5};
                         u128::from_be_bytes(Md5::digest(r.partition_key.as_bytes()).into())
                     });
-                let shard = shared.shard_of(hash);
+                let shard = if kinesis { shared.shard_of(hash) } else { 0 };
                 let len = decoded_len(&r.data);
+                let over = faults.capacity.is_some_and(|c| {
+                    !shared.admits(shard, len + r.partition_key.len(), c)
+                });
+                if over || shared.chance(faults.throttle_records) {
+                    failed += 1;
+                    seen.throttled_records += 1;
+                    seen.tally(shared.started, false);
+                    let code = if kinesis {
+                        "ProvisionedThroughputExceededException"
+                    } else {
+                        "ServiceUnavailableException"
+                    };
+                    let _ = write!(results, r#"{{"ErrorCode":"{code}","ErrorMessage":"injected"}}"#);
+                    continue;
+                }
+                seen.tally(shared.started, true);
                 seen.records += 1;
                 seen.bytes += len as u64;
                 seen.payload_units += (len + r.partition_key.len()).div_ceil(25 * 1024) as u64;

@@ -1,0 +1,639 @@
+//! Request bodies and answers without the SDK's per-record types. The `PutRecords` and
+//! `PutRecordBatch` JSON is written straight from a batch's records (base64 data, partition
+//! keys, explicit hash keys) into one reused buffer, and an interceptor puts it on the SDK's
+//! request before signing. A successful answer's body is kept for [`read_answer`], which
+//! walks it once without a struct or `String` per record, while the SDK deserializes an
+//! empty stand-in. The SDK still resolves the endpoint, signs, sends, and reads errors; it
+//! never sees a record.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeDeserializationInterceptorContextMut, BeforeTransmitInterceptorContextMut,
+};
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::config_bag::ConfigBag;
+use bytes::Bytes;
+
+use super::retry::Outcome;
+use crate::batch::Batch;
+use crate::batch::json::write_str;
+
+/// Where a request goes, as its body names it.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    StreamName(&'a str),
+    StreamArn(&'a str),
+    DeliveryStream(&'a str),
+}
+
+/// The bytes a record's entry adds to a body beyond its base64 data and its key: the
+/// punctuation and field names, and an explicit hash key (39 digits at most).
+const ENTRY_OVERHEAD: usize = 96;
+
+/// Writes the body of a request for records `idx` of `batch` to `target` into `out`:
+/// `{"Records":[{"Data":…,"PartitionKey":…,"ExplicitHashKey":…},…],"StreamName":…}` for
+/// Kinesis, `{"Records":[{"Data":…},…],"DeliveryStreamName":…}` for Firehose.
+pub fn write(out: &mut Vec<u8>, target: Target<'_>, batch: &Batch, idx: &[usize]) {
+    out.clear();
+    let need: usize = idx
+        .iter()
+        .map(|&i| {
+            let r = &batch.records[i];
+            base64_simd::STANDARD.encoded_length((r.end - r.start) as usize)
+                + (r.key_end - r.key_start) as usize
+                + ENTRY_OVERHEAD
+        })
+        .sum();
+    out.reserve(need + 256);
+    let kinesis = !matches!(target, Target::DeliveryStream(_));
+    out.extend_from_slice(b"{\"Records\":[");
+    for (n, &i) in idx.iter().enumerate() {
+        let r = &batch.records[i];
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"Data\":\"");
+        base64_simd::STANDARD.encode_append(batch.data_of(r), out);
+        out.push(b'"');
+        if kinesis {
+            out.extend_from_slice(b",\"PartitionKey\":");
+            write_str(out, batch.key_of(r).as_bytes());
+            if let Some(h) = r.hash {
+                out.extend_from_slice(b",\"ExplicitHashKey\":\"");
+                out.extend_from_slice(itoa::Buffer::new().format(h).as_bytes());
+                out.push(b'"');
+            }
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],");
+    let (field, name): (&[u8], &str) = match target {
+        Target::StreamName(s) => (b"\"StreamName\":", s),
+        Target::StreamArn(s) => (b"\"StreamARN\":", s),
+        Target::DeliveryStream(s) => (b"\"DeliveryStreamName\":", s),
+    };
+    out.extend_from_slice(field);
+    write_str(out, name.as_bytes());
+    out.push(b'}');
+}
+
+/// Puts a pre-built body on the SDK's request, before it is signed (so the signature covers
+/// it), in place of the records-free one the SDK serialized.
+#[derive(Debug)]
+pub struct Prebuilt(Mutex<Option<Bytes>>);
+
+impl Prebuilt {
+    pub fn new(body: Bytes) -> Self {
+        Prebuilt(Mutex::new(Some(body)))
+    }
+}
+
+impl Intercept for Prebuilt {
+    fn name(&self) -> &'static str {
+        "Prebuilt"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let body = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or("the pre-built body was already used (the SDK's own retries are off)")?;
+        let req = context.request_mut();
+        req.headers_mut()
+            .insert("content-length", body.len().to_string());
+        *req.body_mut() = SdkBody::from(body);
+        Ok(())
+    }
+}
+
+/// Keeps a successful answer's body for [`read_answer`] and gives the SDK `stub`, an
+/// answer with no records, to deserialize instead. Error answers pass through untouched,
+/// so the SDK reads their codes.
+#[derive(Debug)]
+pub struct Answer {
+    stub: &'static [u8],
+    into: Arc<Mutex<Vec<u8>>>,
+}
+
+/// The smallest answers the SDK's deserializers accept.
+pub const KINESIS_STUB: &[u8] = br#"{"Records":[]}"#;
+pub const FIREHOSE_STUB: &[u8] = br#"{"FailedPutCount":0,"RequestResponses":[]}"#;
+
+impl Answer {
+    /// Collects the answer into `into` (cleared first).
+    pub fn new(stub: &'static [u8], into: Arc<Mutex<Vec<u8>>>) -> Self {
+        Answer { stub, into }
+    }
+}
+
+impl Intercept for Answer {
+    fn name(&self) -> &'static str {
+        "Answer"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let resp = context.response_mut();
+        if resp.status().as_u16() != 200 {
+            return Ok(());
+        }
+        self.into.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let inner = std::mem::replace(resp.body_mut(), SdkBody::taken());
+        *resp.body_mut() = SdkBody::from_body_1_x(Tee {
+            inner,
+            into: self.into.clone(),
+            stub: Some(Bytes::from_static(self.stub)),
+        });
+        Ok(())
+    }
+}
+
+/// A body that keeps what it reads and yields only the stub.
+struct Tee {
+    inner: SdkBody,
+    into: Arc<Mutex<Vec<u8>>>,
+    stub: Option<Bytes>,
+}
+
+impl http_body::Body for Tee {
+    type Data = Bytes;
+    type Error = aws_smithy_types::body::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        let mut into = this.into.lock().unwrap_or_else(|p| p.into_inner());
+                        into.extend_from_slice(&data);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(this.stub.take().map(|b| Ok(http_body::Frame::data(b))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// One record's result in an answer: accepted (with the shard it went to, for Kinesis),
+/// or its error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry<'a> {
+    Accepted { shard: Option<&'a str> },
+    Failed { code: &'a str },
+}
+
+/// Reads the per-record results of a successful answer (`list` is `Records` for Kinesis,
+/// `RequestResponses` for Firehose) into `into`, in order. `None` if the answer is not
+/// JSON of that shape. The answer is parsed in place.
+pub fn read_answer<'a>(answer: &'a mut [u8], list: &str, into: &mut Vec<Entry<'a>>) -> Option<()> {
+    use simd_json::Node;
+    into.clear();
+    let tape = simd_json::to_tape(answer).ok()?;
+    let nodes = tape.0;
+    // The index after the value at `i`.
+    let skip = |i: usize| match nodes.get(i) {
+        Some(Node::Object { count, .. } | Node::Array { count, .. }) => i + count + 1,
+        _ => i + 1,
+    };
+    let Some(Node::Object { len, .. }) = nodes.first() else {
+        return None;
+    };
+    let mut i = 1;
+    for _ in 0..*len {
+        let key = match nodes.get(i)? {
+            Node::String(k) => *k,
+            _ => return None,
+        };
+        if key != list {
+            i = skip(i + 1);
+            continue;
+        }
+        let Node::Array { len: n, .. } = nodes.get(i + 1)? else {
+            return None;
+        };
+        let mut j = i + 2;
+        for _ in 0..*n {
+            let Node::Object { len: fields, .. } = nodes.get(j)? else {
+                return None;
+            };
+            let (mut shard, mut code) = (None, None);
+            let mut k = j + 1;
+            for _ in 0..*fields {
+                let field = match nodes.get(k)? {
+                    Node::String(f) => *f,
+                    _ => return None,
+                };
+                if let Some(Node::String(v)) = nodes.get(k + 1) {
+                    match field {
+                        "ErrorCode" => code = Some(*v),
+                        "ShardId" => shard = Some(*v),
+                        _ => {}
+                    }
+                }
+                k = skip(k + 1);
+            }
+            into.push(match code {
+                Some(code) => Entry::Failed { code },
+                None => Entry::Accepted { shard },
+            });
+            j = k;
+        }
+        return Some(());
+    }
+    None
+}
+
+/// One request's buffers, reused from request to request: its body, and its answer.
+#[derive(Debug, Default)]
+pub struct Wire {
+    body: Vec<u8>,
+    answer: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Wire {
+    /// Writes the body for records `idx` of `batch`; returns the interceptors that put it
+    /// on the request and keep the answer (`stub` in its place), and the body to reclaim.
+    pub fn prepare(
+        &mut self,
+        target: Target<'_>,
+        batch: &Batch,
+        idx: &[usize],
+        stub: &'static [u8],
+    ) -> (Prebuilt, Answer, Bytes) {
+        let mut body = std::mem::take(&mut self.body);
+        write(&mut body, target, batch, idx);
+        let body = Bytes::from(body);
+        (
+            Prebuilt::new(body.clone()),
+            Answer::new(stub, self.answer.clone()),
+            body,
+        )
+    }
+
+    /// Takes back the body's buffer once the request is done with it (a fresh one next
+    /// time if the HTTP client still holds it).
+    pub fn reclaim(&mut self, body: Bytes) {
+        if let Ok(b) = body.try_into_mut() {
+            self.body = Vec::from(b);
+            self.body.clear();
+        }
+    }
+
+    /// What the kept answer says of each of `n` records (its list named `list`), and
+    /// whether an accepted record went to another shard than `predicted(position)`. An
+    /// answer that cannot be read, or does not match the request, is sent again whole.
+    pub fn read<'a>(
+        &self,
+        list: &str,
+        n: usize,
+        predicted: &dyn Fn(usize) -> Option<&'a str>,
+    ) -> (Outcome, bool) {
+        let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = Vec::with_capacity(n);
+        if read_answer(&mut answer, list, &mut entries).is_none() || entries.len() != n {
+            let unreadable = Outcome::Failed {
+                code: None,
+                status: Some(500),
+            };
+            return (unreadable, false);
+        }
+        let mut stale = false;
+        let codes = entries
+            .iter()
+            .enumerate()
+            .map(|(p, e)| match e {
+                Entry::Accepted { shard } => {
+                    if let (Some(got), Some(want)) = (shard, predicted(p)) {
+                        stale |= *got != want;
+                    }
+                    None
+                }
+                Entry::Failed { code } => Some(code.to_string()),
+            })
+            .collect();
+        (Outcome::Records(codes), stale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Record;
+    use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+    use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+    use aws_smithy_types::Blob;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    /// Takes the body the SDK serialized, then stops the request before it is signed.
+    #[derive(Debug, Default, Clone)]
+    struct Capture(Arc<Mutex<Option<Vec<u8>>>>);
+
+    impl Intercept for Capture {
+        fn name(&self) -> &'static str {
+            "Capture"
+        }
+
+        fn read_before_signing(
+            &self,
+            context: &BeforeTransmitInterceptorContextRef<'_>,
+            _runtime_components: &RuntimeComponents,
+            _cfg: &mut ConfigBag,
+        ) -> Result<(), BoxError> {
+            let body = context.request().body().bytes().unwrap().to_vec();
+            *self.0.lock().unwrap() = Some(body);
+            Err("captured".into())
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// What the SDK's own serializer makes of records `idx` of `batch`.
+    fn sdk_kinesis(
+        rt: &tokio::runtime::Runtime,
+        target: Target<'_>,
+        batch: &Batch,
+        idx: &[usize],
+    ) -> Vec<u8> {
+        use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+        let conf = aws_sdk_kinesis::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("a", "b", None, None, "test"))
+            .build();
+        let client = aws_sdk_kinesis::Client::from_conf(conf);
+        let entries = idx
+            .iter()
+            .map(|&i| {
+                let r = &batch.records[i];
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(batch.data_of(r)))
+                    .partition_key(batch.key_of(r))
+                    .set_explicit_hash_key(r.hash.map(|h| h.to_string()))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let req = client.put_records().set_records(Some(entries));
+        let req = match target {
+            Target::StreamName(s) => req.stream_name(s),
+            Target::StreamArn(s) => req.stream_arn(s),
+            Target::DeliveryStream(_) => unreachable!(),
+        };
+        let cap = Capture::default();
+        let _ = rt.block_on(req.customize().interceptor(cap.clone()).send());
+        let body = cap.0.lock().unwrap().take();
+        body.expect("the SDK serialized a body")
+    }
+
+    fn sdk_firehose(
+        rt: &tokio::runtime::Runtime,
+        stream: &str,
+        batch: &Batch,
+        idx: &[usize],
+    ) -> Vec<u8> {
+        use aws_sdk_firehose::config::{BehaviorVersion, Credentials, Region};
+        let conf = aws_sdk_firehose::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("a", "b", None, None, "test"))
+            .build();
+        let client = aws_sdk_firehose::Client::from_conf(conf);
+        let records = idx
+            .iter()
+            .map(|&i| {
+                aws_sdk_firehose::types::Record::builder()
+                    .data(Blob::new(batch.data_of(&batch.records[i])))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let req = client
+            .put_record_batch()
+            .delivery_stream_name(stream)
+            .set_records(Some(records));
+        let cap = Capture::default();
+        let _ = rt.block_on(req.customize().interceptor(cap.clone()).send());
+        let body = cap.0.lock().unwrap().take();
+        body.expect("the SDK serialized a body")
+    }
+
+    /// A batch of `records`: data, partition key, explicit hash key.
+    fn batch_of(records: &[(Vec<u8>, String, Option<u128>)]) -> Batch {
+        let mut b = Batch::default();
+        for (data, key, hash) in records {
+            let (start, key_start) = (b.data.len() as u32, b.keys.len() as u32);
+            b.data.extend_from_slice(data);
+            b.keys.extend_from_slice(key.as_bytes());
+            b.records.push(Record {
+                start,
+                end: b.data.len() as u32,
+                key_start,
+                key_end: b.keys.len() as u32,
+                hash: *hash,
+                target: 0,
+                events: 1,
+                oversize: false,
+            });
+        }
+        b
+    }
+
+    fn json(body: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(body).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(body));
+        })
+    }
+
+    fn record() -> impl Strategy<Value = (Vec<u8>, String, Option<u128>)> {
+        (
+            prop::collection::vec(any::<u8>(), 0..300),
+            // Keys with quotes, backslashes, controls and non-ASCII, as field keys may be.
+            "[a-z0-9\"\\\\\u{1}\u{1f}é€😀 ]{1,40}",
+            prop::option::of(any::<u128>()),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The body we write parses to what the SDK's serializer writes for the same
+        /// records, for a whole batch and for a retry of any subset of it.
+        #[test]
+        fn bodies_match_the_sdk_serializer(
+            records in prop::collection::vec(record(), 1..40),
+            subset in prop::collection::vec(any::<bool>(), 40),
+            arn in any::<bool>(),
+        ) {
+            let rt = runtime();
+            let batch = batch_of(&records);
+            let all: Vec<usize> = (0..records.len()).collect();
+            let retry: Vec<usize> = all.iter().copied().filter(|&i| subset[i]).collect();
+            let target = match arn {
+                true => Target::StreamArn("arn:aws:kinesis:us-east-1:123456789012:stream/s-1"),
+                false => Target::StreamName("s-1"),
+            };
+            let mut out = Vec::new();
+            for idx in [&all, &retry] {
+                if idx.is_empty() {
+                    continue;
+                }
+                write(&mut out, target, &batch, idx);
+                prop_assert_eq!(json(&out), json(&sdk_kinesis(&rt, target, &batch, idx)));
+                write(&mut out, Target::DeliveryStream("d-1"), &batch, idx);
+                prop_assert_eq!(json(&out), json(&sdk_firehose(&rt, "d-1", &batch, idx)));
+            }
+        }
+    }
+
+    /// What went on the wire: the body, its Content-Length, and the signature.
+    type Wired = (Vec<u8>, String, String);
+
+    #[derive(Debug, Clone, Default)]
+    struct Sent(Arc<Mutex<Option<Wired>>>);
+
+    impl Intercept for Sent {
+        fn name(&self) -> &'static str {
+            "Sent"
+        }
+
+        fn read_before_transmit(
+            &self,
+            context: &BeforeTransmitInterceptorContextRef<'_>,
+            _: &RuntimeComponents,
+            _: &mut ConfigBag,
+        ) -> Result<(), BoxError> {
+            let r = context.request();
+            let header = |h: &str| r.headers().get(h).unwrap_or_default().to_string();
+            let sent = (
+                r.body().bytes().unwrap().to_vec(),
+                header("content-length"),
+                header("authorization"),
+            );
+            *self.0.lock().unwrap() = Some(sent);
+            Err("captured".into())
+        }
+    }
+
+    #[test]
+    fn answers_are_read_record_by_record() {
+        // As Kinesis answers: accepted records with their shard, failed ones with a code.
+        let mut a = br#"{"FailedRecordCount":1,"Records":[{"SequenceNumber":"4955","ShardId":"shardId-000000000001"},
+            {"ErrorCode":"ProvisionedThroughputExceededException","ErrorMessage":"Rate exceeded for shard"},
+            {"SequenceNumber":"4956","ShardId":"shardId-000000000000","Extra":{"nested":[1,2]}}],"EncryptionType":"NONE"}"#
+            .to_vec();
+        let mut got = Vec::new();
+        read_answer(&mut a, "Records", &mut got).unwrap();
+        assert_eq!(
+            got,
+            [
+                Entry::Accepted {
+                    shard: Some("shardId-000000000001")
+                },
+                Entry::Failed {
+                    code: "ProvisionedThroughputExceededException"
+                },
+                Entry::Accepted {
+                    shard: Some("shardId-000000000000")
+                },
+            ]
+        );
+        // As Firehose answers, the list after other fields.
+        let mut a = br#"{"Encrypted":false,"FailedPutCount":1,"RequestResponses":[{"ErrorCode":"ServiceUnavailableException","ErrorMessage":"Slow down."},{"RecordId":"x"}]}"#.to_vec();
+        let mut got = Vec::new();
+        read_answer(&mut a, "RequestResponses", &mut got).unwrap();
+        assert_eq!(
+            got,
+            [
+                Entry::Failed {
+                    code: "ServiceUnavailableException"
+                },
+                Entry::Accepted { shard: None }
+            ]
+        );
+        // Not an answer of that shape.
+        for bad in [
+            &b"[]"[..],
+            b"{\"Records\":{}}",
+            b"{\"Other\":[]}",
+            b"{\"Records\":[1]}",
+            b"not json",
+        ] {
+            let mut b = bad.to_vec();
+            assert_eq!(
+                read_answer(&mut b, "Records", &mut Vec::new()),
+                None,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_prebuilt_body_is_what_is_signed_and_sent() {
+        let rt = runtime();
+        let conf = aws_sdk_kinesis::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("a", "b", None, None, "test"))
+            // One clock for every request: signatures then differ only by what they sign.
+            .time_source(aws_smithy_async::time::StaticTimeSource::new(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            ))
+            .build();
+        let client = aws_sdk_kinesis::Client::from_conf(conf);
+        let send = |data: &[u8]| {
+            let batch = batch_of(&[(data.to_vec(), "k".into(), Some(7))]);
+            let mut out = Vec::new();
+            write(&mut out, Target::StreamName("s"), &batch, &[0]);
+            let sent = Sent::default();
+            let _ = rt.block_on(
+                client
+                    .put_records()
+                    .stream_name("s")
+                    .set_records(Some(vec![]))
+                    .customize()
+                    .interceptor(Prebuilt::new(Bytes::from(out.clone())))
+                    .interceptor(sent.clone())
+                    .send(),
+            );
+            let (body, len, auth) = sent.0.lock().unwrap().take().unwrap();
+            assert_eq!(body, out, "our body went out");
+            assert_eq!(len, out.len().to_string());
+            assert!(auth.contains("Signature="), "{auth}");
+            auth
+        };
+        let (a, again, b) = (send(b"hello"), send(b"hello"), send(b"world"));
+        assert_eq!(a, again);
+        assert_ne!(a, b, "the signature covers the body that was put on");
+    }
+}
