@@ -21,8 +21,8 @@
 //!
 //!   cargo bench --bench loadgen -- [--sink null] [--connections 4] [--seconds 10]
 //!       [--warmup 2] [--events-per-frame 1000] [--event-bytes 200] [--window 8]
-//!       [--workers N] [--shards 8192] [--gib X] [--tls] [--throttle P] [--capacity]
-//!       [--sluice PATH] [--addr HOST:PORT --pid PID]
+//!       [--workers N] [--shards 512] [--gib X] [--tls] [--throttle P] [--capacity]
+//!       [--sluice PATH] [--sink-option 'KEY = VALUE'] [--addr HOST:PORT --pid PID]
 //!
 //! `--sluice` starts another build of sluice than this one, to compare two builds in one
 //! session.
@@ -57,6 +57,8 @@ struct Args {
     capacity: bool,
     /// The sluice binary to start: this build's, or another (to compare two builds).
     sluice: String,
+    /// Extra lines for the sink's config section (`--sink-option 'max_concurrency = 8'`).
+    sink_options: Vec<String>,
     addr: Option<SocketAddr>,
     pid: Option<u32>,
 }
@@ -72,12 +74,13 @@ fn runs() -> Vec<Args> {
         event_bytes: 200,
         window: 8,
         workers: None,
-        shards: 8192,
+        shards: 512,
         gib: None,
         tls: false,
         throttle: 0.0,
         capacity: false,
         sluice: env!("CARGO_BIN_EXE_sluice").into(),
+        sink_options: vec![],
         addr: None,
         pid: None,
     };
@@ -101,6 +104,7 @@ fn runs() -> Vec<Args> {
             "--throttle" => a.throttle = v().parse().unwrap(),
             "--capacity" => a.capacity = true,
             "--sluice" => a.sluice = v(),
+            "--sink-option" => a.sink_options.push(v()),
             "--addr" => a.addr = Some(v().parse().unwrap()),
             "--pid" => a.pid = Some(v().parse().unwrap()),
             // cargo and libtest flags we do not use
@@ -282,7 +286,11 @@ fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
         .workers
         .map(|w| format!("workers = {w}\n"))
         .unwrap_or_default();
-    let sink = sink_config(&a.sink, fake);
+    let mut sink = sink_config(&a.sink, fake);
+    for o in &a.sink_options {
+        sink.push('\n');
+        sink.push_str(o);
+    }
     let dead = dir.join("dead");
     std::fs::write(
         &cfg,
@@ -599,6 +607,11 @@ fn report_throttling(a: &Args, fake: &Fake) {
     let seen = fake.seen.lock().unwrap();
     let (acc, thr) = (&seen.accepted_per_sec, &seen.throttled_per_sec);
     let total = seen.records + seen.throttled_records;
+    println!(
+        "  fake: requests, records/req: {:>12} {:>8.1}",
+        seen.requests,
+        total as f64 / seen.requests.max(1) as f64
+    );
     if seen.throttled_records > 0 || a.throttle > 0.0 {
         println!(
             "  records throttled:          {:>12}  ({:.2}% of {total} sent)",

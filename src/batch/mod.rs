@@ -114,11 +114,15 @@ fn unit_floor(n: usize) -> usize {
     }
 }
 
-/// Room for one more event past `max_bytes` before a buffer reallocates.
+/// Room for one more event past `max_bytes`: a buffer that grew larger than twice this
+/// much past it held an outsized event, and is not kept.
 const SLACK: usize = 64 << 10;
 
-/// Buffers kept for reuse beyond those in flight.
-const SPARES: usize = 2;
+/// A new buffer starts this large and grows with what it holds, so a batch holds the
+/// memory it was filled with, not its limit's (a 5 MiB reservation per batch in flight
+/// becomes resident with this allocator). Returned buffers are all kept and reused: how
+/// many there are is bounded by how many were ever in flight.
+const INITIAL_CAPACITY: usize = 64 << 10;
 
 /// Room kept in a compressed record for the codec's worst-case growth.
 const COMPRESSION_MARGIN: usize = 1024;
@@ -220,7 +224,7 @@ impl Batcher {
             core,
             limits,
             framing,
-            open: Batch::new(core, limits.max_bytes + SLACK),
+            open: Batch::new(core, INITIAL_CAPACITY.min(limits.max_bytes + SLACK)),
             opened_at: None,
             req_bytes: 0,
             sendable: 0,
@@ -253,6 +257,7 @@ impl Batcher {
         ticket: Option<Ticket>,
         encode: impl FnMut(&mut Vec<u8>) -> Out<'k>,
     ) -> Wrote {
+        self.make_room();
         match self.framing {
             Framing::Stream => self.write_stream(ticket, encode),
             Framing::Records(f) => match f.shape {
@@ -260,6 +265,20 @@ impl Batcher {
                 RecordShape::Lines => self.write_lines(f, ticket, encode),
                 RecordShape::Aggregated => self.write_aggregated(f, ticket, encode),
             },
+        }
+    }
+
+    /// Keeps `SLACK` of room ahead of the open batch, growing it by doubling but never past
+    /// its limit plus `SLACK`: the growth a `Vec` would choose on its own can double a
+    /// buffer that is one event past its limit.
+    #[inline]
+    fn make_room(&mut self) {
+        let d = &mut self.open.data;
+        if d.capacity() - d.len() < SLACK {
+            let cap = (d.capacity() * 2)
+                .clamp(INITIAL_CAPACITY, self.limits.max_bytes + SLACK)
+                .max(d.len() + SLACK);
+            d.reserve_exact(cap - d.len());
         }
     }
 
@@ -697,10 +716,12 @@ impl Batcher {
         if self.open.events == 0 {
             return;
         }
-        let fresh = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| Batch::new(self.core, self.limits.max_bytes + SLACK));
+        let fresh = self.spare.pop().unwrap_or_else(|| {
+            Batch::new(
+                self.core,
+                INITIAL_CAPACITY.min(self.limits.max_bytes + SLACK),
+            )
+        });
         let sealed = std::mem::replace(&mut self.open, fresh);
         self.opened_at = None;
         self.req_bytes = 0;
@@ -768,7 +789,7 @@ impl Batcher {
     /// Takes back a settled batch for reuse.
     pub fn recycle(&mut self, mut b: Batch) {
         self.in_flight -= 1;
-        if self.spare.len() < SPARES && b.data.capacity() <= 2 * (self.limits.max_bytes + SLACK) {
+        if b.data.capacity() <= 2 * (self.limits.max_bytes + SLACK) {
             b.clear();
             self.spare.push(b);
         }

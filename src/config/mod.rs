@@ -414,6 +414,11 @@ mod service {
 }
 pub use service::*;
 
+/// The share of a shard's 1,000 records/s and 1 MiB/s that its token bucket aims at: close
+/// to the limit (a shard's own writes then throttle rarely), with room for clock skew
+/// between our buckets and the service's accounting.
+pub const DEFAULT_SHARD_HEADROOM: f64 = 0.95;
+
 fn aws(
     key: &str,
     region: Option<String>,
@@ -527,7 +532,7 @@ fn kinesis(key: &str, f: KinesisFile) -> Result<(SinkKind, BatchLimits), ConfigE
             "is larger than max_request_bytes",
         ));
     }
-    let headroom = f.shard_headroom.unwrap_or(0.9);
+    let headroom = f.shard_headroom.unwrap_or(DEFAULT_SHARD_HEADROOM);
     if !(headroom > 0.0 && headroom <= 1.0) {
         return Err(err(
             format!("{key}.shard_headroom"),
