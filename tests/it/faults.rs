@@ -1,7 +1,8 @@
 //! What the emulators cannot do, against the fault-injecting fake: partial failures,
-//! throttled requests, 5xx, a 10 s outage, and permanent refusals. Nothing is lost, nothing
-//! accepted is sent twice, the concurrency limit and the shard rates drop and recover, and
-//! refused records land in the dead-letter directory or the route's fallback sink.
+//! throttled requests, 5xx, a 10 s outage, permanent refusals, and a service that answers
+//! slowly. Nothing is lost, nothing accepted is sent twice, the concurrency limit and the
+//! shard rates drop and recover, refused records land in the dead-letter directory or the
+//! route's fallback sink, and a slow service holds memory at its bound.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -322,5 +323,77 @@ fn permanent_refusals_go_to_the_dead_letter_directory_or_the_fallback() {
     s.wait_log("dead-letter log", |l| {
         l.contains("Dead-lettered records") && l.contains("ResourceNotFoundException")
     });
+    s.assert_healthy();
+}
+
+/// What the slow-service test pushes through: far more than the memory bound below.
+const SLOW_FRAMES: usize = 1000;
+const SLOW_PER_FRAME: usize = 1000;
+
+/// Peak RSS the process must stay under, whatever the client sends: the bound the README
+/// gives for the default settings.
+const SLOW_RSS_BOUND_KIB: u64 = 64 * 1024;
+
+#[test]
+fn a_slow_service_holds_memory_to_its_bound_and_loses_nothing() {
+    // Shards enough that their rates (950 records/s each) do not set the pace: the slow
+    // answers do.
+    let fake = Fake::start(256, &["events"], true);
+    fake.set(Faults {
+        delay: Some(Duration::from_millis(250)),
+        ..Faults::default()
+    });
+    let mut s = Sluice::start("slow", &CONFIG.replace("{endpoint}", &fake.endpoint()));
+    let frames: Vec<Vec<u8>> = (0..SLOW_FRAMES)
+        .map(|f| {
+            let events: Vec<_> = (0..SLOW_PER_FRAME)
+                .map(|k| (Time::Int(1), record("slow", f * SLOW_PER_FRAME + k, 200)))
+                .collect();
+            frame(Mode::PackedBin, "app", &events, Some(&format!("s{f}")))
+        })
+        .collect();
+    let wire: usize = frames.iter().map(Vec::len).sum();
+    // Every frame at once: TCP holds the client back, not an ack window.
+    let mut conn = connect(s.addr("fwd"));
+    let mut acks_conn = conn.try_clone().unwrap();
+    let acks = std::thread::spawn(move || read_acks(&mut acks_conn, SLOW_FRAMES).len());
+    let client = std::thread::spawn(move || {
+        for f in &frames {
+            conn.write_all(f).expect("the connection stays open");
+        }
+        conn
+    });
+    let n = SLOW_FRAMES * SLOW_PER_FRAME;
+    wait_seen(&fake, "every event", PATIENCE * 4, |seen| {
+        seen.records as usize >= n
+    });
+    assert_eq!(acks.join().unwrap(), SLOW_FRAMES, "every chunk acked");
+    drop(client.join().unwrap());
+    let peak = s.peak_rss_kib();
+
+    let seen = fake.seen.lock().unwrap();
+    let mut count = vec![0u8; n];
+    for d in &seen.data {
+        let ev: serde_json::Value = serde_json::from_slice(d).unwrap();
+        count[ev["seq"].as_u64().unwrap() as usize] += 1;
+    }
+    let (missing, twice) = (
+        count.iter().filter(|&&c| c == 0).count(),
+        count.iter().filter(|&&c| c > 1).count(),
+    );
+    eprintln!(
+        "slow service: {wire} bytes sent as {n} events in {} requests; sluice peak RSS {peak} KiB",
+        seen.requests
+    );
+    assert_eq!((missing, twice), (0, 0), "every event exactly once");
+    assert!(
+        wire as u64 > 2 * SLOW_RSS_BOUND_KIB * 1024,
+        "the test pushes far more than the bound through"
+    );
+    assert!(
+        peak < SLOW_RSS_BOUND_KIB,
+        "peak RSS {peak} KiB, bound {SLOW_RSS_BOUND_KIB} KiB"
+    );
+    drop(seen);
     s.assert_healthy();
 }

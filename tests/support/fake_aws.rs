@@ -34,6 +34,8 @@ pub struct Faults {
     /// most `(records, bytes)` per second, with a second's worth of burst, and throttles
     /// the excess record by record.
     pub capacity: Option<(f64, f64)>,
+    /// Every answer waits this long: a slow service.
+    pub delay: Option<Duration>,
 }
 
 /// A shard's allowance under [`Faults::capacity`].
@@ -291,6 +293,9 @@ fn serve<S: Read + Write>(conn: S, shared: &Shared) {
             return;
         }
         let (status, reply) = answer(&target, &body, &faults, shared);
+        if let Some(d) = faults.delay {
+            std::thread::sleep(d);
+        }
         // One write: a head and body written apart meet Nagle and delayed acks (40 ms).
         let whole = format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nx-amzn-RequestId: fake\r\n\r\n{reply}",
