@@ -10,7 +10,13 @@
 //! - `firehose/lines`: newline-joined lines packed into PutRecordBatch records, plus the
 //!   request body.
 //!
-//! Throughput is in event bytes. Run with `cargo bench --bench requests`.
+//! Throughput is in event bytes. Then, per request of 500 such records:
+//! - `sdk/put_records_signed`: a pre-built PutRecords body through the SDK's whole request
+//!   path up to the wire (interceptors, endpoint, SigV4 signing with its SHA-256 of the
+//!   body), stopped just before it would be sent;
+//! - `sdk/sha256`: the SHA-256 of the same body alone, the part of signing that is per byte.
+//!
+//! Run with `cargo bench --bench requests`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -150,5 +156,68 @@ fn requests(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, requests);
+/// Stops a request just before it is sent, once it is signed.
+#[derive(Debug)]
+struct Stop;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for Stop {
+    fn name(&self) -> &'static str {
+        "Stop"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        _: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        Err("stopped before the wire".into())
+    }
+}
+
+fn sdk(c: &mut Criterion) {
+    use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+    let events = events();
+    let (mut b, ring) = batcher(RecordFraming::KINESIS);
+    let mut body = Vec::new();
+    build(&mut b, &ring, &events[..500], |batch| {
+        let all: Vec<usize> = (0..batch.records.len()).collect();
+        body::write(&mut body, Target::StreamName("load"), batch, &all);
+    });
+    let body = bytes::Bytes::from(body);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("a", "b", None, None, "bench"))
+        .build();
+    let client = aws_sdk_kinesis::Client::from_conf(conf);
+    let mut g = c.benchmark_group("sdk");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("put_records_signed", |bench| {
+        bench.iter(|| {
+            let sent = rt.block_on(
+                client
+                    .put_records()
+                    .stream_name("load")
+                    .set_records(Some(vec![]))
+                    .customize()
+                    .interceptor(body::Prebuilt::new(body.clone()))
+                    .interceptor(Stop)
+                    .send(),
+            );
+            black_box(sent.is_err())
+        })
+    });
+    g.bench_function("sha256", |bench| {
+        use sha2::Digest;
+        bench.iter(|| black_box(sha2::Sha256::digest(&body)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, requests, sdk);
 criterion_main!(benches);
