@@ -1,9 +1,10 @@
 //! AWS sink tasks. A sink takes batches from every core while its AIMD limit allows, and
 //! delivers each one: a request per attempt, admitted by the concurrency limit and (for
 //! Kinesis) the per-shard token buckets; only the records that failed are sent again, with
-//! their keys, after a full-jitter backoff; records refused for good go to the route's
-//! fallback sink or the dead-letter directory. A batch goes back to its core once every
-//! record is accepted or set down, which is when its chunks are acked.
+//! their keys: at once (a few ms of jitter) after an answer that accepted others, after a
+//! full-jitter backoff while answers accept nothing; records refused for good go to the
+//! route's fallback sink or the dead-letter directory. A batch goes back to its core once
+//! every record is accepted or set down, which is when its chunks are acked.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
