@@ -21,7 +21,7 @@
 //!
 //!   cargo bench --bench loadgen -- [--sink null] [--connections 4] [--seconds 10]
 //!       [--warmup 2] [--events-per-frame 1000] [--event-bytes 200] [--window 8]
-//!       [--workers N] [--shards 512] [--gib X] [--tls] [--throttle P] [--capacity]
+//!       [--workers N] [--shards 2048] [--gib X] [--tls] [--throttle P] [--capacity]
 //!       [--sluice PATH] [--sink-option 'KEY = VALUE'] [--addr HOST:PORT --pid PID]
 //!
 //! `--sluice` starts another build of sluice than this one, to compare two builds in one
@@ -74,7 +74,7 @@ fn runs() -> Vec<Args> {
         event_bytes: 200,
         window: 8,
         workers: None,
-        shards: 512,
+        shards: 2048,
         gib: None,
         tls: false,
         throttle: 0.0,

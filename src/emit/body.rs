@@ -207,14 +207,48 @@ pub enum Entry<'a> {
     Failed { code: &'a str },
 }
 
+/// simd-json's buffers and tape, kept from answer to answer so that reading one allocates
+/// nothing once they have grown to fit.
+#[derive(Default)]
+pub struct Scratch {
+    buffers: simd_json::Buffers,
+    tape: Option<simd_json::Tape<'static>>,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scratch")
+    }
+}
+
 /// Reads the per-record results of a successful answer (`list` is `Records` for Kinesis,
-/// `RequestResponses` for Firehose) into `into`, in order. `None` if the answer is not
-/// JSON of that shape. The answer is parsed in place.
-pub fn read_answer<'a>(answer: &'a mut [u8], list: &str, into: &mut Vec<Entry<'a>>) -> Option<()> {
+/// `RequestResponses` for Firehose), handing each to `each` in order, and returns how many
+/// there were. `None` if the answer is not JSON of that shape (`each` may have seen some
+/// of it). The answer is parsed in place.
+pub fn read_answer<'a>(
+    answer: &'a mut [u8],
+    list: &str,
+    scratch: &mut Scratch,
+    each: impl FnMut(Entry<'a>),
+) -> Option<usize> {
+    let mut tape = scratch
+        .tape
+        .take()
+        .unwrap_or(simd_json::Tape(Vec::new()))
+        .reset();
+    let read = simd_json::fill_tape(answer, &mut scratch.buffers, &mut tape)
+        .ok()
+        .and_then(|()| walk(&tape.0, list, each));
+    scratch.tape = Some(tape.reset());
+    read
+}
+
+fn walk<'a>(
+    nodes: &[simd_json::Node<'a>],
+    list: &str,
+    mut each: impl FnMut(Entry<'a>),
+) -> Option<usize> {
     use simd_json::Node;
-    into.clear();
-    let tape = simd_json::to_tape(answer).ok()?;
-    let nodes = tape.0;
     // The index after the value at `i`.
     let skip = |i: usize| match nodes.get(i) {
         Some(Node::Object { count, .. } | Node::Array { count, .. }) => i + count + 1,
@@ -257,13 +291,13 @@ pub fn read_answer<'a>(answer: &'a mut [u8], list: &str, into: &mut Vec<Entry<'a
                 }
                 k = skip(k + 1);
             }
-            into.push(match code {
+            each(match code {
                 Some(code) => Entry::Failed { code },
                 None => Entry::Accepted { shard },
             });
             j = k;
         }
-        return Some(());
+        return Some(*n);
     }
     None
 }
@@ -273,6 +307,7 @@ pub fn read_answer<'a>(answer: &'a mut [u8], list: &str, into: &mut Vec<Entry<'a
 pub struct Wire {
     body: Vec<u8>,
     answer: Arc<Mutex<Vec<u8>>>,
+    scratch: Scratch,
 }
 
 impl Wire {
@@ -308,34 +343,32 @@ impl Wire {
     /// whether an accepted record went to another shard than `predicted(position)`. An
     /// answer that cannot be read, or does not match the request, is sent again whole.
     pub fn read<'a>(
-        &self,
+        &mut self,
         list: &str,
         n: usize,
         predicted: &dyn Fn(usize) -> Option<&'a str>,
     ) -> (Outcome, bool) {
         let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut entries = Vec::with_capacity(n);
-        if read_answer(&mut answer, list, &mut entries).is_none() || entries.len() != n {
+        let mut stale = false;
+        let mut codes = Vec::with_capacity(n);
+        let read = read_answer(&mut answer, list, &mut self.scratch, |e| {
+            codes.push(match e {
+                Entry::Accepted { shard } => {
+                    if let (Some(got), Some(want)) = (shard, predicted(codes.len())) {
+                        stale |= got != want;
+                    }
+                    None
+                }
+                Entry::Failed { code } => Some(code.to_string()),
+            })
+        });
+        if read != Some(n) {
             let unreadable = Outcome::Failed {
                 code: None,
                 status: Some(500),
             };
             return (unreadable, false);
         }
-        let mut stale = false;
-        let codes = entries
-            .iter()
-            .enumerate()
-            .map(|(p, e)| match e {
-                Entry::Accepted { shard } => {
-                    if let (Some(got), Some(want)) = (shard, predicted(p)) {
-                        stale |= *got != want;
-                    }
-                    None
-                }
-                Entry::Failed { code } => Some(code.to_string()),
-            })
-            .collect();
         (Outcome::Records(codes), stale)
     }
 }
@@ -553,7 +586,11 @@ mod tests {
             {"SequenceNumber":"4956","ShardId":"shardId-000000000000","Extra":{"nested":[1,2]}}],"EncryptionType":"NONE"}"#
             .to_vec();
         let mut got = Vec::new();
-        read_answer(&mut a, "Records", &mut got).unwrap();
+        let mut scratch = Scratch::default();
+        assert_eq!(
+            read_answer(&mut a, "Records", &mut scratch, |e| got.push(e)),
+            Some(3)
+        );
         assert_eq!(
             got,
             [
@@ -571,7 +608,10 @@ mod tests {
         // As Firehose answers, the list after other fields.
         let mut a = br#"{"Encrypted":false,"FailedPutCount":1,"RequestResponses":[{"ErrorCode":"ServiceUnavailableException","ErrorMessage":"Slow down."},{"RecordId":"x"}]}"#.to_vec();
         let mut got = Vec::new();
-        read_answer(&mut a, "RequestResponses", &mut got).unwrap();
+        assert_eq!(
+            read_answer(&mut a, "RequestResponses", &mut scratch, |e| got.push(e)),
+            Some(2)
+        );
         assert_eq!(
             got,
             [
@@ -591,7 +631,7 @@ mod tests {
         ] {
             let mut b = bad.to_vec();
             assert_eq!(
-                read_answer(&mut b, "Records", &mut Vec::new()),
+                read_answer(&mut b, "Records", &mut scratch, |_| {}),
                 None,
                 "{bad:?}"
             );

@@ -19,29 +19,31 @@ const MIN_FRACTION: f64 = 0.05;
 /// throughput per second.
 pub const SHARD_COOLDOWN: Duration = Duration::from_secs(1);
 
+/// Times are seconds since the limiter's epoch, as `f64`: a request touches hundreds of
+/// buckets, and a subtraction per bucket is what keeps that cheap.
 #[derive(Clone, Debug)]
 struct Bucket {
     records: f64,
     bytes: f64,
     fraction: f64,
-    at: Instant,
+    at: f64,
     cut: Option<Instant>,
 }
 
 impl Bucket {
-    fn full(fraction: f64, now: Instant) -> Self {
+    fn full(fraction: f64, at: f64) -> Self {
         Bucket {
             records: SHARD_RECORDS_PER_SEC * fraction,
             bytes: SHARD_BYTES_PER_SEC * fraction,
             fraction,
-            at: now,
+            at,
             cut: None,
         }
     }
 
     /// Adds what has dripped in since the last look, up to one second's worth.
-    fn refill(&mut self, now: Instant) {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+    fn refill(&mut self, now: f64) {
+        let dt = (now - self.at).max(0.0);
         self.at = now;
         self.records = (self.records + dt * SHARD_RECORDS_PER_SEC * self.fraction)
             .min(SHARD_RECORDS_PER_SEC * self.fraction);
@@ -49,11 +51,11 @@ impl Bucket {
             .min(SHARD_BYTES_PER_SEC * self.fraction);
     }
 
-    /// How long until both counts are out of debt.
-    fn wait(&self) -> Duration {
+    /// Seconds until both counts are out of debt.
+    fn wait(&self) -> f64 {
         let r = (-self.records).max(0.0) / (SHARD_RECORDS_PER_SEC * self.fraction);
         let b = (-self.bytes).max(0.0) / (SHARD_BYTES_PER_SEC * self.fraction);
-        Duration::from_secs_f64(r.max(b))
+        r.max(b)
     }
 }
 
@@ -62,15 +64,15 @@ impl Bucket {
 pub struct ShardLimiter {
     buckets: Vec<Bucket>,
     headroom: f64,
+    epoch: Instant,
 }
 
 impl ShardLimiter {
     pub fn new(shards: usize, headroom: f64, now: Instant) -> Self {
         ShardLimiter {
-            buckets: (0..shards.max(1))
-                .map(|_| Bucket::full(headroom, now))
-                .collect(),
+            buckets: vec![Bucket::full(headroom, 0.0); shards.max(1)],
             headroom,
+            epoch: now,
         }
     }
 
@@ -82,15 +84,16 @@ impl ShardLimiter {
     /// Takes what a request needs, `(shard, records, bytes)` per shard, if no shard it
     /// touches is in debt; otherwise says how long to wait before asking again.
     pub fn take(&mut self, now: Instant, need: &[(usize, u64, u64)]) -> Result<(), Duration> {
-        let mut wait = Duration::ZERO;
+        let now = now.saturating_duration_since(self.epoch).as_secs_f64();
+        let mut wait = 0.0f64;
         for &(s, _, _) in need {
             if let Some(b) = self.buckets.get_mut(s) {
                 b.refill(now);
                 wait = wait.max(b.wait());
             }
         }
-        if wait > Duration::ZERO {
-            return Err(wait);
+        if wait > 0.0 {
+            return Err(Duration::from_secs_f64(wait).max(Duration::from_nanos(1)));
         }
         for &(s, records, bytes) in need {
             if let Some(b) = self.buckets.get_mut(s) {

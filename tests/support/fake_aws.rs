@@ -248,11 +248,11 @@ impl Shared {
         }
     }
 
+    /// The shards are even ranges in order, so the one holding `hash` is found by bisection.
     fn shard_of(&self, hash: u128) -> usize {
         self.shards
-            .iter()
-            .position(|s| s.1 <= hash && hash <= s.2)
-            .unwrap_or(0)
+            .partition_point(|s| s.2 < hash)
+            .min(self.shards.len() - 1)
     }
 }
 
