@@ -295,7 +295,7 @@ fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
     std::fs::write(
         &cfg,
         format!(
-            "[engine]\n{workers}stats_interval = \"60s\"\ndead_letter_dir = {dead:?}\n\n\
+            "[engine]\n{workers}stats_interval = \"1s\"\ndead_letter_dir = {dead:?}\n\n\
              [inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\n\
              [sinks.out]\n{sink}\n\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\n"
         ),
@@ -341,10 +341,21 @@ fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
             if l.contains("WARN") || l.contains("ERROR") {
                 eprintln!("sluice: {l}");
             }
+            if let Some(v) = l.split("memory_peak=").nth(1) {
+                let n = v
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                MEMORY_PEAK.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     });
     (child, addr.expect("sluice printed its address"))
 }
+
+/// The most sluice's memory budget was charged, from its stats lines.
+static MEMORY_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The frames to send: a template of `events_per_frame` events, and for a fixed volume,
 /// how many frames and a last, shorter one.
@@ -554,6 +565,13 @@ fn run(a: &Args) {
         println!(
             "  sluice peak RSS:            {:>9.1} MiB",
             r as f64 / (1 << 20) as f64
+        );
+    }
+    let budget = MEMORY_PEAK.load(std::sync::atomic::Ordering::Relaxed);
+    if budget > 0 {
+        println!(
+            "  memory budget peak:         {:>9.1} MiB",
+            budget as f64 / (1 << 20) as f64
         );
     }
     let who = if fake.is_some() {

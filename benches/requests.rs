@@ -26,6 +26,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sluice::batch::records::{Framing, RecordFraming, RecordShape};
 use sluice::batch::shape::Encoded;
 use sluice::batch::{Batch, BatchLimits, Batcher};
+use sluice::budget::Budget;
 use sluice::decode::Codec;
 use sluice::emit::body::{self, Target};
 use sluice::ring::{Consumer, ring};
@@ -54,7 +55,7 @@ fn batcher(f: RecordFraming) -> (Batcher, Consumer<Batch>) {
         max_bytes: f.max_request,
         linger: Duration::from_secs(60),
     };
-    let mut b = Batcher::new(0, limits, Framing::Records(f), p);
+    let mut b = Batcher::new(0, limits, Framing::Records(f), p, Budget::unlimited());
     b.set_shards(Arc::new(ShardMap::even(4)));
     (b, c)
 }

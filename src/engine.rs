@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::accept::{self, uring};
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::emit::{Emitter, Ports};
 use crate::metrics;
@@ -32,6 +33,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     let cfg = Arc::new(cfg);
     let workers = cfg.engine.workers;
 
+    let budget = Budget::new(cfg.engine.memory_limit, workers);
     // One ring each way per (core, sink).
     let cap = cfg.engine.ring_capacity;
     let mut core_rings: Vec<Vec<CoreSink>> = (0..workers).map(|_| Vec::new()).collect();
@@ -44,7 +46,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         for rings in core_rings.iter_mut() {
             let (batches, batches_rx) = ring(cap);
             let (done_tx, done) = ring(2 * cap + 2);
-            rings.push(CoreSink::stream(batches, done));
+            rings.push(CoreSink::stream(batches, done, budget.clone()));
             p.batches.push(batches_rx);
             p.done.push(done_tx);
         }
@@ -56,9 +58,12 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     let interval = cfg.engine.stats_interval;
     let stats = std::thread::Builder::new()
         .name("sluice-stats".into())
-        .spawn(move || metrics::collect(reports, workers, names, interval))
+        .spawn({
+            let budget = budget.clone();
+            move || metrics::collect(reports, workers, names, interval, &budget)
+        })
         .map_err(|e| EngineError::Start(format!("cannot start the stats thread: {e}")))?;
-    let (emitter, mut plans) = Emitter::start(&cfg, ports, reporter.clone())
+    let (emitter, mut plans) = Emitter::start(&cfg, ports, reporter.clone(), budget.clone())
         .map_err(|e| EngineError::Start(format!("cannot start the emitter: {e}")))?;
     // What the emitter learned from the services shapes each core's batches.
     for (core, sinks) in core_rings.iter_mut().enumerate() {

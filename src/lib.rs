@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod ack;
 pub mod batch;
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod decode;

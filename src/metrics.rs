@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::budget::Budget;
 use crate::decode::DecodeError;
 
 macro_rules! counters {
@@ -106,6 +107,8 @@ pub struct Totals {
     pub core: CoreCounters,
     pub errors: ErrorCounts,
     pub sinks: Vec<SinkTotal>,
+    /// The memory budget: charged now, the most it was, and its limit.
+    pub memory: [u64; 3],
 }
 
 /// One sink's counters, by name, with their detail.
@@ -124,6 +127,11 @@ impl Totals {
         for (k, v) in self.core.fields() {
             let _ = write!(s, "{k}={v} ");
         }
+        let [used, peak, limit] = self.memory;
+        let _ = write!(
+            s,
+            "memory_used={used} memory_peak={peak} memory_limit={limit} "
+        );
         for (i, n) in self.errors.iter().enumerate() {
             if *n > 0 {
                 let _ = write!(s, "errors.{}={n} ", DecodeError::NAMES[i]);
@@ -154,12 +162,16 @@ pub fn collect(
     cores: usize,
     sink_names: Vec<String>,
     interval: Duration,
+    budget: &Budget,
 ) -> Totals {
     let mut per_core = vec![(CoreCounters::default(), [0u64; DecodeError::NAMES.len()]); cores];
     let mut per_sink = vec![(SinkCounters::default(), Vec::new()); sink_names.len()];
     let totals = |per_core: &[(CoreCounters, ErrorCounts)],
                   per_sink: &[(SinkCounters, Vec<(String, u64)>)]| {
-        let mut t = Totals::default();
+        let mut t = Totals {
+            memory: [budget.used(), budget.peak(), budget.limit()].map(|n| n as u64),
+            ..Totals::default()
+        };
         for (c, e) in per_core {
             t.core.merge(c);
             for (a, b) in t.errors.iter_mut().zip(e) {

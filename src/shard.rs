@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::batch::records::Framing;
 use crate::batch::shape::{Encoded, Out, Shape, msgpack_field};
 use crate::batch::{Batch, Batcher};
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::conn::Link;
 use crate::decode::forward::{Events, Frame};
@@ -38,17 +39,19 @@ pub struct CoreSink {
     pub key_field: Option<Box<str>>,
     /// Shard map updates (the current map arrives first).
     pub shards: Option<crossbeam_channel::Receiver<Arc<ShardMap>>>,
+    pub budget: Arc<Budget>,
 }
 
 impl CoreSink {
     /// A sink whose batches are plain streams of events.
-    pub fn stream(batches: Producer<Batch>, done: Consumer<Batch>) -> Self {
+    pub fn stream(batches: Producer<Batch>, done: Consumer<Batch>, budget: Arc<Budget>) -> Self {
         CoreSink {
             batches,
             done,
             framing: Framing::Stream,
             key_field: None,
             shards: None,
+            budget,
         }
     }
 }
@@ -117,7 +120,7 @@ impl Shard {
         let mut key_fields = Vec::new();
         let mut shard_feeds = Vec::new();
         for (r, s) in rings.into_iter().zip(&cfg.sinks) {
-            let mut b = Batcher::new(core, s.batch, r.framing, r.batches);
+            let mut b = Batcher::new(core, s.batch, r.framing, r.batches, r.budget);
             // The current shard map is already in the feed.
             if let Some(feed) = &r.shards {
                 while let Ok(map) = feed.try_recv() {
@@ -537,7 +540,11 @@ mod tests {
         .unwrap();
         let (batches, batches_rx) = ring(4);
         let (done_tx, done) = ring(10);
-        let shard = Shard::new(0, &cfg, vec![CoreSink::stream(batches, done)]);
+        let shard = Shard::new(
+            0,
+            &cfg,
+            vec![CoreSink::stream(batches, done, Budget::unlimited())],
+        );
         let conn = ForwardConn::new(
             64 << 20,
             64 << 20,

@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::ack::Ticket;
+use crate::budget::Budget;
 use crate::config::KINESIS_PUT_UNIT;
 use crate::ring::Producer;
 use crate::shards::{ShardMap, hash_key};
@@ -64,6 +65,9 @@ pub struct Batch {
     pub tickets: Vec<Ticket>,
     /// The core that built it, which gets it back once it is settled.
     pub core: usize,
+    /// What its buffers are charged to the memory budget: their capacity while the batch
+    /// is open, held, in a ring or on its way; nothing while it waits as a spare.
+    charged: usize,
 }
 
 impl Batch {
@@ -73,6 +77,21 @@ impl Batch {
             core,
             ..Batch::default()
         }
+    }
+
+    /// The bytes its buffers hold, by capacity.
+    fn footprint(&self) -> usize {
+        self.data.capacity()
+            + self.keys.capacity()
+            + self.records.capacity() * size_of::<Record>()
+            + self.tickets.capacity() * size_of::<Ticket>()
+    }
+
+    /// Charges the budget for what its buffers have grown (or shrunk) to.
+    fn charge(&mut self, budget: &Budget) {
+        let now = self.footprint();
+        budget.adjust(self.charged, now);
+        self.charged = now;
     }
 
     fn clear(&mut self) {
@@ -201,10 +220,17 @@ pub struct Batcher {
     ring: Producer<Batch>,
     /// Pushed to the ring and not yet returned.
     in_flight: usize,
+    budget: Arc<Budget>,
 }
 
 impl Batcher {
-    pub fn new(core: usize, limits: BatchLimits, framing: Framing, ring: Producer<Batch>) -> Self {
+    pub fn new(
+        core: usize,
+        limits: BatchLimits,
+        framing: Framing,
+        ring: Producer<Batch>,
+        budget: Arc<Budget>,
+    ) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -220,11 +246,13 @@ impl Batcher {
         // Each core starts its round robin over the shards somewhere of its own, so that
         // a few aggregates (or explicit keys) do not all land on the first shards.
         let next_shard = rng.next_u64() as usize;
+        let mut open = Batch::new(core, INITIAL_CAPACITY.min(limits.max_bytes + SLACK));
+        open.charge(&budget);
         Batcher {
             core,
             limits,
             framing,
-            open: Batch::new(core, INITIAL_CAPACITY.min(limits.max_bytes + SLACK)),
+            open,
             opened_at: None,
             req_bytes: 0,
             sendable: 0,
@@ -239,6 +267,7 @@ impl Batcher {
             spare: Vec::new(),
             ring,
             in_flight: 0,
+            budget,
         }
     }
 
@@ -279,6 +308,7 @@ impl Batcher {
                 .clamp(INITIAL_CAPACITY, self.limits.max_bytes + SLACK)
                 .max(d.len() + SLACK);
             d.reserve_exact(cap - d.len());
+            self.open.charge(&self.budget);
         }
     }
 
@@ -716,12 +746,14 @@ impl Batcher {
         if self.open.events == 0 {
             return;
         }
-        let fresh = self.spare.pop().unwrap_or_else(|| {
+        self.open.charge(&self.budget);
+        let mut fresh = self.spare.pop().unwrap_or_else(|| {
             Batch::new(
                 self.core,
                 INITIAL_CAPACITY.min(self.limits.max_bytes + SLACK),
             )
         });
+        fresh.charge(&self.budget);
         let sealed = std::mem::replace(&mut self.open, fresh);
         self.opened_at = None;
         self.req_bytes = 0;
@@ -763,16 +795,21 @@ impl Batcher {
         true
     }
 
-    /// Pushes held batches, registering for a wakeup if the ring is still full.
+    /// Pushes held batches, registering for a wakeup if the ring is still full or the
+    /// memory budget is spent. While it is spent and nothing of this batcher is on its way,
+    /// the open batch goes too, so that what it holds can be sent and settled.
     pub fn poll_push(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.blocked() && self.ring.is_closed() {
             // The sink is gone (a panic aborts the process, so this is shutdown): nothing
             // will make room, and trying again would spin.
             return Poll::Pending;
         }
+        if self.budget.spent() && self.in_flight == 0 {
+            self.seal();
+        }
         loop {
             if self.push_held() {
-                return Poll::Ready(());
+                return self.budget.poll_room(self.core, cx);
             }
             if self.ring.poll_space(cx).is_pending() {
                 return Poll::Pending;
@@ -780,15 +817,18 @@ impl Batcher {
         }
     }
 
-    /// Whether sealed batches wait for room, so the core must stop reading.
+    /// Whether sealed batches wait for room, or the memory budget is spent: the core must
+    /// stop reading.
     #[inline]
     pub fn blocked(&self) -> bool {
-        !self.held.is_empty()
+        !self.held.is_empty() || self.budget.spent()
     }
 
     /// Takes back a settled batch for reuse.
     pub fn recycle(&mut self, mut b: Batch) {
         self.in_flight -= 1;
+        self.budget.adjust(b.charged, 0);
+        b.charged = 0;
         if b.data.capacity() <= 2 * (self.limits.max_bytes + SLACK) {
             b.clear();
             self.spare.push(b);
@@ -804,6 +844,17 @@ impl Batcher {
     /// Nothing open, held or in flight.
     pub fn idle(&self) -> bool {
         self.open.events == 0 && self.held.is_empty() && self.in_flight == 0
+    }
+}
+
+impl Drop for Batcher {
+    /// Gives back what the batches still here are charged (those on their way come back
+    /// first: a core ends after its batches settle).
+    fn drop(&mut self) {
+        self.budget.adjust(self.open.charged, 0);
+        for b in &self.held {
+            self.budget.adjust(b.charged, 0);
+        }
     }
 }
 
@@ -827,7 +878,7 @@ mod tests {
             max_bytes: 10,
             linger: Duration::from_secs(60),
         };
-        let mut b = Batcher::new(0, limits, Framing::Stream, p);
+        let mut b = Batcher::new(0, limits, Framing::Stream, p, Budget::unlimited());
         put(&mut b, b"aaaa\n", None);
         put(&mut b, b"bbbb\n", None); // exactly 10: sealed
         put(&mut b, b"cccc\n", None);
@@ -848,7 +899,7 @@ mod tests {
             max_bytes: 4,
             linger: Duration::from_secs(60),
         };
-        let mut b = Batcher::new(0, limits, Framing::Stream, p);
+        let mut b = Batcher::new(0, limits, Framing::Stream, p, Budget::unlimited());
         put(&mut b, b"1234", Some(7));
         assert!(!b.blocked());
         let w = put(&mut b, b"5678", Some(7));
@@ -872,7 +923,7 @@ mod tests {
             max_bytes: 1 << 20,
             linger: Duration::from_millis(0),
         };
-        let mut b = Batcher::new(0, limits, Framing::Stream, p);
+        let mut b = Batcher::new(0, limits, Framing::Stream, p, Budget::unlimited());
         put(&mut b, b"x\n", None);
         b.seal_if_due(Instant::now());
         assert_eq!(c.try_pop().unwrap().events, 1);
@@ -884,7 +935,10 @@ mod tests {
             max_bytes: f.max_request,
             linger: Duration::from_secs(60),
         };
-        (Batcher::new(1, limits, Framing::Records(f), p), c)
+        (
+            Batcher::new(1, limits, Framing::Records(f), p, Budget::unlimited()),
+            c,
+        )
     }
 
     fn event(b: &mut Batcher, bytes: &[u8], key: Option<&[u8]>) -> Wrote {

@@ -55,6 +55,7 @@ struct EngineFile {
     input_grace: Option<Dur>,
     drain_timeout: Option<Dur>,
     ring_capacity: Option<usize>,
+    memory_limit: Option<Size>,
     dead_letter_dir: Option<PathBuf>,
 }
 
@@ -254,6 +255,8 @@ pub struct Engine {
     pub drain_timeout: Duration,
     /// Batches each core may have queued for each sink.
     pub ring_capacity: usize,
+    /// What the data path's buffers may hold in all: batches, request bodies, answers.
+    pub memory_limit: usize,
     /// Where records a service refuses for good are written, one file per batch.
     pub dead_letter_dir: PathBuf,
 }
@@ -645,6 +648,9 @@ fn bounded(
 
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Enough for full speed on two cores with 200 B events (README, "Memory").
+pub const DEFAULT_MEMORY_LIMIT: u64 = 32 << 20;
+
 fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let e = file.engine;
@@ -662,6 +668,13 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             format!("{ring_capacity} is out of range (1 to 1024)"),
         ));
     }
+    let memory_limit = bounded(
+        "engine.memory_limit",
+        e.memory_limit,
+        DEFAULT_MEMORY_LIMIT,
+        1 << 20,
+        1 << 40,
+    )?;
     let dead_letter_dir = e
         .dead_letter_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/sluice/dead-letter"));
@@ -675,6 +688,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         input_grace: e.input_grace.map_or(Duration::from_secs(2), |d| d.0),
         drain_timeout: e.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
         ring_capacity,
+        memory_limit,
         dead_letter_dir,
     };
 

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use super::retry::Outcome;
 use crate::batch::Batch;
 use crate::batch::json::write_str;
+use crate::budget::Budget;
 
 /// Where a request goes, as its body names it.
 #[derive(Clone, Copy, Debug)]
@@ -39,9 +40,9 @@ const ENTRY_OVERHEAD: usize = 96;
 /// Writes the body of a request for records `idx` of `batch` to `target` into `out`:
 /// `{"Records":[{"Data":…,"PartitionKey":…,"ExplicitHashKey":…},…],"StreamName":…}` for
 /// Kinesis, `{"Records":[{"Data":…},…],"DeliveryStreamName":…}` for Firehose.
-pub fn write(out: &mut Vec<u8>, target: Target<'_>, batch: &Batch, idx: &[usize]) {
-    out.clear();
-    let need: usize = idx
+/// At least the length of the body for records `idx` of `batch`.
+pub fn len(batch: &Batch, idx: &[usize]) -> usize {
+    let entries: usize = idx
         .iter()
         .map(|&i| {
             let r = &batch.records[i];
@@ -50,7 +51,12 @@ pub fn write(out: &mut Vec<u8>, target: Target<'_>, batch: &Batch, idx: &[usize]
                 + ENTRY_OVERHEAD
         })
         .sum();
-    out.reserve(need + 256);
+    entries + 256
+}
+
+pub fn write(out: &mut Vec<u8>, target: Target<'_>, batch: &Batch, idx: &[usize]) {
+    out.clear();
+    out.reserve(len(batch, idx));
     let kinesis = !matches!(target, Target::DeliveryStream(_));
     out.extend_from_slice(b"{\"Records\":[");
     for (n, &i) in idx.iter().enumerate() {
@@ -213,6 +219,8 @@ pub enum Entry<'a> {
 pub struct Scratch {
     buffers: simd_json::Buffers,
     tape: Option<simd_json::Tape<'static>>,
+    /// The longest answer read, which the buffers grew to fit.
+    largest: usize,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -308,6 +316,8 @@ pub struct Wire {
     body: Vec<u8>,
     answer: Arc<Mutex<Vec<u8>>>,
     scratch: Scratch,
+    /// What it is charged to the memory budget while a delivery uses it.
+    charged: usize,
 }
 
 impl Wire {
@@ -328,6 +338,35 @@ impl Wire {
             Answer::new(stub, self.answer.clone()),
             body,
         )
+    }
+
+    /// Makes room for the body of records `idx` of `batch` and charges the budget for it,
+    /// before the request is let go.
+    pub fn reserve(&mut self, batch: &Batch, idx: &[usize], budget: &Budget) {
+        let need = len(batch, idx);
+        if self.body.capacity() < need {
+            self.body.reserve(need);
+        }
+        self.charge(budget);
+    }
+
+    /// Charges the budget for what its buffers have grown (or shrunk) to. simd-json's
+    /// buffers are not visible; they are counted as three times the largest answer read.
+    pub fn charge(&mut self, budget: &Budget) {
+        let answer = self.answer.lock().map_or(0, |a| a.capacity());
+        let tape = self.scratch.tape.as_ref().map_or(0, |t| {
+            t.0.capacity() * size_of::<simd_json::Node<'static>>()
+        });
+        let now = self.body.capacity() + answer + tape + 3 * self.scratch.largest;
+        budget.adjust(self.charged, now);
+        self.charged = now;
+    }
+
+    /// Gives back its charge as it goes back to the pool: pooled buffers are reused, not
+    /// charged, and there are never more of them than were in use at once.
+    pub fn settle(&mut self, budget: &Budget) {
+        budget.adjust(self.charged, 0);
+        self.charged = 0;
     }
 
     /// Takes back the body's buffer once the request is done with it (a fresh one next

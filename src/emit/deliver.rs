@@ -20,6 +20,7 @@ use super::retry::{Aimd, Outcome, Verdict, backoff, classify};
 use super::{Inbox, Ports, REPORT_EVERY, give_back};
 use crate::batch::records::Rng;
 use crate::batch::{Batch, Record};
+use crate::budget::Budget;
 use crate::metrics::{Report, Reporter, SinkCounters};
 use crate::shards::ShardMap;
 
@@ -49,6 +50,12 @@ pub enum Service {
     Firehose(Firehose),
 }
 
+/// What a request in flight is charged besides its body and answer: its connection's TLS
+/// and HTTP buffers, the SDK's per-request state and the allocator's slack around them.
+/// Measured: peak RSS less the budget's peak grew by about this much per request in
+/// flight (BENCHMARKS.md, "Memory").
+pub const REQUEST_OVERHEAD: usize = 128 << 10;
+
 /// One AWS sink's shared state.
 pub struct AwsSink {
     pub index: usize,
@@ -62,6 +69,9 @@ pub struct AwsSink {
     state: Mutex<State>,
     /// A record went to another shard than predicted: the map is stale.
     stale: Notify,
+    /// Charged for the request bodies and answers; no request starts while it is spent
+    /// and another is on its way.
+    budget: Arc<Budget>,
 }
 
 struct State {
@@ -103,6 +113,7 @@ impl AwsSink {
         max_concurrency: usize,
         shards: Option<(ShardMap, f64, Duration)>,
         feeds: Vec<crossbeam_channel::Sender<Arc<ShardMap>>>,
+        budget: Arc<Budget>,
     ) -> Self {
         let now = Instant::now();
         let (map, limiter, refresh) = match shards {
@@ -132,6 +143,7 @@ impl AwsSink {
                 wires: Vec::new(),
             }),
             stale: Notify::new(),
+            budget,
         }
     }
 
@@ -157,7 +169,9 @@ impl AwsSink {
             Tick,
         }
         loop {
-            let room = !closed && deliveries.len() < self.state().aimd.limit();
+            let room = !closed
+                && deliveries.len() < self.state().aimd.limit()
+                && (deliveries.is_empty() || !self.budget.spent());
             let ev = futures_lite::future::or(
                 async {
                     if room {
@@ -182,7 +196,14 @@ impl AwsSink {
             .await;
             match ev {
                 Ev::Batch(Some(b)) => {
-                    deliveries.spawn(self.clone().deliver(b));
+                    // The request's buffers, reused from delivery to delivery, are charged
+                    // now, before the task runs, so that the next batch's admission sees
+                    // them.
+                    let mut wire = self.state().wires.pop().unwrap_or_default();
+                    let all: Vec<usize> = (0..b.records.len()).collect();
+                    wire.reserve(&b, &all, &self.budget);
+                    self.budget.adjust(0, REQUEST_OVERHEAD);
+                    deliveries.spawn(self.clone().deliver(b, wire));
                 }
                 Ev::Batch(None) => closed = true,
                 Ev::Done(b) => {
@@ -246,7 +267,7 @@ impl AwsSink {
 
     /// Delivers one batch: every record accepted, or set down in the fallback sink or the
     /// dead-letter directory.
-    async fn deliver(self: Arc<Self>, batch: Batch) -> Batch {
+    async fn deliver(self: Arc<Self>, batch: Batch, mut wire: Wire) -> Batch {
         let oversize: Vec<Record> = batch
             .records
             .iter()
@@ -265,11 +286,10 @@ impl AwsSink {
             .filter(|&i| !batch.records[i].oversize)
             .collect();
         let mut attempt = 0u32;
-        // The request's buffers, reused from delivery to delivery.
-        let mut wire = self.state().wires.pop().unwrap_or_default();
         while !pending.is_empty() {
             let (shards, need, map) = self.predict(&batch, &pending);
             self.admit(&need).await;
+            wire.reserve(&batch, &pending, &self.budget);
             let outcome = match &self.service {
                 Service::Kinesis(k) => {
                     let predicted = |p: usize| {
@@ -285,6 +305,7 @@ impl AwsSink {
                 }
                 Service::Firehose(f) => f.put(&batch, &pending, &mut wire).await,
             };
+            wire.charge(&self.budget);
             let verdict = classify(&outcome);
             let now = Instant::now();
             // All bookkeeping under the lock; the waits come after it is released.
@@ -374,7 +395,9 @@ impl AwsSink {
                 tokio::time::sleep(w).await;
             }
         }
+        wire.settle(&self.budget);
         self.state().wires.push(wire);
+        self.budget.adjust(REQUEST_OVERHEAD, 0);
         batch
     }
 

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::batch::Batch;
 use crate::batch::records::{Framing, KeyMode, RecordFraming, RecordShape};
+use crate::budget::Budget;
 use crate::config::{Config, PartitionKey, Sink, SinkKind};
 use crate::metrics::{Report, Reporter, SinkCounters};
 use crate::ring::{Consumer, Producer};
@@ -112,6 +113,7 @@ impl Emitter {
         cfg: &Config,
         ports: Vec<Ports>,
         reporter: Reporter,
+        budget: Arc<Budget>,
     ) -> std::io::Result<(Emitter, Vec<Plan>)> {
         // As many threads as cores: the request work (signing, TLS, answers) of every core
         // lands here, and one thread would cap the whole process.
@@ -120,7 +122,7 @@ impl Emitter {
             .thread_name("sluice-emit")
             .enable_all()
             .build()?;
-        let (tasks, plans) = rt.block_on(build(cfg));
+        let (tasks, plans) = rt.block_on(build(cfg, &budget));
         let thread = std::thread::Builder::new()
             .name("sluice-emitter".into())
             .spawn(move || {
@@ -193,7 +195,7 @@ impl Inbox {
 
 /// Builds every sink: local ones as they are, AWS ones with their clients and the facts
 /// the cores need (shard maps, line packing), each fallback wired to its target.
-async fn build(cfg: &Config) -> (Vec<Task>, Vec<Plan>) {
+async fn build(cfg: &Config, budget: &Arc<Budget>) -> (Vec<Task>, Vec<Plan>) {
     let workers = cfg.engine.workers;
     let mut fallbacks: Vec<Option<mpsc::Sender<Fallback>>> = vec![None; cfg.sinks.len()];
     let mut fallback_rx: Vec<Option<mpsc::Receiver<Fallback>>> =
@@ -252,6 +254,7 @@ async fn build(cfg: &Config) -> (Vec<Task>, Vec<Plan>) {
                     k.aws.max_concurrency,
                     Some((map, k.shard_headroom, k.shard_refresh)),
                     txs,
+                    budget.clone(),
                 );
                 if known.is_none() {
                     aws.refresh_soon();
@@ -290,6 +293,7 @@ async fn build(cfg: &Config) -> (Vec<Task>, Vec<Plan>) {
                     f.aws.max_concurrency,
                     None,
                     vec![],
+                    budget.clone(),
                 );
                 tasks.push(Task::Aws(Arc::new(aws)));
                 plans.push(Plan {
@@ -376,11 +380,9 @@ async fn run_sink(
             }
             Ev::Fallback(Some(f)) => {
                 // Records another sink could not deliver, written like a batch of ours.
-                let mut b = Batch {
-                    data: f.data,
-                    events: f.records as u32,
-                    ..Batch::default()
-                };
+                let mut b = Batch::default();
+                b.data = f.data;
+                b.events = f.records as u32;
                 if let Some(w) = writer.take() {
                     let (w, back) = write_until_done(&sink.name, w, b, &mut c).await;
                     writer = Some(w);

@@ -327,27 +327,43 @@ fn permanent_refusals_go_to_the_dead_letter_directory_or_the_fallback() {
 }
 
 /// What the slow-service test pushes through: far more than the memory bound below.
-const SLOW_FRAMES: usize = 1000;
+const SLOW_FRAMES: usize = 45;
 const SLOW_PER_FRAME: usize = 1000;
+/// Events of 4 KB make batches of 2 MB (500 records) and request bodies of 2.7 MB: at 32
+/// requests in flight, unbounded, that would be 150 MB.
+const SLOW_EVENT_BYTES: usize = 4000;
+const SLOW_MEMORY_LIMIT: u64 = 16 << 20;
 
-/// Peak RSS the process must stay under, whatever the client sends: the bound the README
-/// gives for the default settings.
-const SLOW_RSS_BOUND_KIB: u64 = 64 * 1024;
+/// What README ("Memory") gives as the most the process holds beyond `memory_limit` on two
+/// workers: what it holds at start, the allocator's slack, the input's frame buffers.
+const OVERHEAD_BOUND: u64 = 64 << 20;
+
+/// How far the budget may go past its limit: a batch's growth on each core and one
+/// request's body (README, "Memory").
+const BUDGET_OVERSHOOT: u64 = 2 * (4 << 20) + (3 << 20);
 
 #[test]
 fn a_slow_service_holds_memory_to_its_bound_and_loses_nothing() {
-    // Shards enough that their rates (950 records/s each) do not set the pace: the slow
-    // answers do.
+    // Shards enough that their rates (950 records/s, 1 MiB/s each) do not set the pace:
+    // the slow answers do.
     let fake = Fake::start(256, &["events"], true);
     fake.set(Faults {
         delay: Some(Duration::from_millis(250)),
         ..Faults::default()
     });
-    let mut s = Sluice::start("slow", &CONFIG.replace("{endpoint}", &fake.endpoint()));
+    let config = CONFIG.replace("{endpoint}", &fake.endpoint()).replace(
+        "workers = 2\n",
+        &format!("workers = 2\nmemory_limit = {SLOW_MEMORY_LIMIT}\n"),
+    );
+    let mut s = Sluice::start("slow", &config);
+    let idle = s.rss_kib() * 1024;
     let frames: Vec<Vec<u8>> = (0..SLOW_FRAMES)
         .map(|f| {
             let events: Vec<_> = (0..SLOW_PER_FRAME)
-                .map(|k| (Time::Int(1), record("slow", f * SLOW_PER_FRAME + k, 200)))
+                .map(|k| {
+                    let seq = f * SLOW_PER_FRAME + k;
+                    (Time::Int(1), record("slow", seq, SLOW_EVENT_BYTES))
+                })
                 .collect();
             frame(Mode::PackedBin, "app", &events, Some(&format!("s{f}")))
         })
@@ -369,7 +385,8 @@ fn a_slow_service_holds_memory_to_its_bound_and_loses_nothing() {
     });
     assert_eq!(acks.join().unwrap(), SLOW_FRAMES, "every chunk acked");
     drop(client.join().unwrap());
-    let peak = s.peak_rss_kib();
+    let peak = s.peak_rss_kib() * 1024;
+    let budget = s.wait_stat("memory_peak", |n| n > 0)["memory_peak"];
 
     let seen = fake.seen.lock().unwrap();
     let mut count = vec![0u8; n];
@@ -382,17 +399,22 @@ fn a_slow_service_holds_memory_to_its_bound_and_loses_nothing() {
         count.iter().filter(|&&c| c > 1).count(),
     );
     eprintln!(
-        "slow service: {wire} bytes sent as {n} events in {} requests; sluice peak RSS {peak} KiB",
+        "slow service: {wire} bytes sent as {n} events in {} requests; memory_limit {SLOW_MEMORY_LIMIT}, budget peak {budget}, sluice RSS at start {idle}, peak {peak}",
         seen.requests
     );
     assert_eq!((missing, twice), (0, 0), "every event exactly once");
     assert!(
-        wire as u64 > 2 * SLOW_RSS_BOUND_KIB * 1024,
-        "the test pushes far more than the bound through"
+        wire as u64 > 10 * SLOW_MEMORY_LIMIT,
+        "the test pushes far more than memory_limit through"
     );
     assert!(
-        peak < SLOW_RSS_BOUND_KIB,
-        "peak RSS {peak} KiB, bound {SLOW_RSS_BOUND_KIB} KiB"
+        budget <= SLOW_MEMORY_LIMIT + BUDGET_OVERSHOOT,
+        "the budget's peak {budget} is past its limit by more than the documented overshoot"
+    );
+    assert!(
+        peak <= SLOW_MEMORY_LIMIT + OVERHEAD_BOUND,
+        "peak RSS {peak}, bound {}",
+        SLOW_MEMORY_LIMIT + OVERHEAD_BOUND
     );
     drop(seen);
     s.assert_healthy();
