@@ -310,6 +310,37 @@ fn walk<'a>(
     None
 }
 
+/// Reads an answer that failed no record without parsing it: its failed count is 0 and its
+/// list has `n` entries, each `ShardId` (Kinesis) or `RecordId` (Firehose) handed to `each`
+/// in order. `None` if it is not exactly of that form: then it is parsed whole.
+pub fn read_accepted<'a>(
+    answer: &'a [u8],
+    list: &str,
+    n: usize,
+    mut each: impl FnMut(&'a [u8]),
+) -> Option<()> {
+    let (count, id): (&[u8], &[u8]) = match list {
+        "Records" => (b"\"FailedRecordCount\":", b"\"ShardId\":\""),
+        _ => (b"\"FailedPutCount\":", b"\"RecordId\":\""),
+    };
+    let at = memchr::memmem::find(answer, count)? + count.len();
+    let rest = answer[at..].trim_ascii_start();
+    if rest.first() != Some(&b'0') || rest.get(1).is_some_and(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut seen = 0;
+    for start in memchr::memmem::find_iter(answer, id) {
+        let v = start + id.len();
+        let value = &answer[v..v + memchr::memchr(b'"', &answer[v..])?];
+        if value.contains(&b'\\') {
+            return None;
+        }
+        each(value);
+        seen += 1;
+    }
+    (seen == n).then_some(())
+}
+
 /// One request's buffers, reused from request to request: its body, and its answer.
 #[derive(Debug, Default)]
 pub struct Wire {
@@ -389,6 +420,17 @@ impl Wire {
     ) -> (Outcome, bool) {
         let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
         let mut stale = false;
+        let mut p = 0;
+        let clean = read_accepted(&answer, list, n, |id| {
+            if let Some(want) = predicted(p) {
+                stale |= id != want.as_bytes();
+            }
+            p += 1;
+        });
+        if clean.is_some() {
+            return (Outcome::Records(vec![None; n]), stale);
+        }
+        stale = false;
         let mut codes = Vec::with_capacity(n);
         let read = read_answer(&mut answer, list, &mut self.scratch, |e| {
             codes.push(match e {
@@ -614,6 +656,47 @@ mod tests {
             );
             *self.0.lock().unwrap() = Some(sent);
             Err("captured".into())
+        }
+    }
+
+    #[test]
+    fn an_answer_that_failed_nothing_is_read_without_a_parse() {
+        let a = br#"{"FailedRecordCount":0,"Records":[{"SequenceNumber":"49","ShardId":"shardId-000000000001"},{"SequenceNumber":"50","ShardId":"shardId-000000000000"}],"EncryptionType":"NONE"}"#;
+        let mut ids = Vec::new();
+        assert_eq!(read_accepted(a, "Records", 2, |id| ids.push(id)), Some(()));
+        assert_eq!(ids, [&b"shardId-000000000001"[..], b"shardId-000000000000"]);
+        let f = br#"{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[{"RecordId":"a"},{"RecordId":"b"},{"RecordId":"c"}]}"#;
+        assert_eq!(read_accepted(f, "RequestResponses", 3, |_| {}), Some(()));
+        // Anything else is parsed whole: a failure, a count that does not match, a count
+        // of 10, spacing it does not expect.
+        for (bad, n) in [
+            (
+                &br#"{"FailedRecordCount":1,"Records":[{"ShardId":"s"}]}"#[..],
+                1,
+            ),
+            (br#"{"FailedRecordCount":0,"Records":[{"ShardId":"s"}]}"#, 2),
+            (
+                br#"{"FailedRecordCount":01,"Records":[{"ShardId":"s"}]}"#,
+                1,
+            ),
+            (
+                br#"{"FailedRecordCount":0,"Records":[{"ShardId" : "s"}]}"#,
+                1,
+            ),
+            (br#"{"Records":[{"ShardId":"s"}]}"#, 1),
+        ] {
+            assert_eq!(read_accepted(bad, "Records", n, |_| {}), None, "{bad:?}");
+        }
+        // Through a Wire, the fast path and the parse agree on what they report.
+        let mut w = Wire::default();
+        for (answer, want) in [
+            (&a[..], "shardId-000000000001"),
+            (&a[..], "shardId-000000000009"),
+        ] {
+            *w.answer.lock().unwrap() = answer.to_vec();
+            let (outcome, stale) = w.read("Records", 2, &|p| (p == 0).then_some(want));
+            assert!(matches!(&outcome, Outcome::Records(c) if c == &[None, None]));
+            assert_eq!(stale, want != "shardId-000000000001");
         }
     }
 
