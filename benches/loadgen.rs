@@ -278,8 +278,13 @@ fn sink_config(sink: &str, fake: Option<&Fake>) -> String {
     }
 }
 
+/// Where a run's config, CA and dead letters go; removed once the runs are done.
+fn scratch() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sluice-loadgen-{}", std::process::id()))
+}
+
 fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
-    let dir = std::env::temp_dir().join(format!("sluice-loadgen-{}", std::process::id()));
+    let dir = scratch();
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("sluice.toml");
     let workers = a
@@ -726,4 +731,5 @@ fn main() {
     for a in runs() {
         run(&a);
     }
+    let _ = std::fs::remove_dir_all(scratch());
 }
