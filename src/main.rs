@@ -116,6 +116,7 @@ fn validate(file: &PathBuf) -> anyhow::Result<()> {
     let cfg = load(Some(file))?;
     println!("{} is valid.", file.display());
     println!("workers: {}", cfg.engine.workers);
+    println!("memory_limit: {} bytes", cfg.engine.memory_limit);
     for i in &cfg.inputs {
         let what = match &i.kind {
             InputKind::Forward { .. } => "forward".to_string(),

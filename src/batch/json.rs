@@ -241,6 +241,32 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn escape_agrees_with_serde_json_on_any_string(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    4 => 0x20u8..0x7f,
+                    1 => proptest::prelude::any::<u8>(),
+                    1 => proptest::prelude::Just(b'"'),
+                    1 => proptest::prelude::Just(b'\\'),
+                ],
+                0..80,
+            ),
+            utf8 in proptest::prelude::any::<bool>(),
+        ) {
+            // Valid UTF-8 (with multi-byte characters at any offset) and arbitrary bytes,
+            // whose invalid sequences become U+FFFD.
+            let input: Vec<u8> = if utf8 {
+                String::from_utf8_lossy(&bytes).replace('\u{7f}', "é").into_bytes()
+            } else {
+                bytes
+            };
+            let want = serde_json::to_string(&String::from_utf8_lossy(&input)).unwrap();
+            proptest::prop_assert_eq!(s(&input), want);
+        }
+    }
+
     #[test]
     fn formats_times() {
         let mut out = vec![];

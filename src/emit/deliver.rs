@@ -51,9 +51,9 @@ pub enum Service {
 }
 
 /// What a request in flight is charged besides its body and answer: its connection's TLS
-/// and HTTP buffers, the SDK's per-request state and the allocator's slack around them.
-/// Measured: peak RSS less the budget's peak grew by about this much per request in
-/// flight (BENCHMARKS.md, "Memory").
+/// and HTTP buffers and the SDK's per-request state, which are not ours to measure. About
+/// what heaptrack shows them holding; four times this bound the concurrency so tightly
+/// that CPU per event rose (BENCHMARKS.md, "Memory: one budget").
 pub const REQUEST_OVERHEAD: usize = 128 << 10;
 
 /// One AWS sink's shared state.
