@@ -11,10 +11,9 @@
 //!   request body.
 //!
 //! Throughput is in event bytes. Then, per request of 500 such records:
-//! - `sdk/put_records_signed`: a pre-built PutRecords body through the SDK's whole request
-//!   path up to the wire (interceptors, endpoint, SigV4 signing with its SHA-256 of the
-//!   body), stopped just before it would be sent;
-//! - `sdk/sha256`: the SHA-256 of the same body alone, the part of signing that is per byte.
+//! - `sign/put_records_signed`: a pre-built PutRecords body made into the HTTP request that
+//!   goes on the wire (its SHA-256, SigV4 signing, headers);
+//! - `sign/sha256`: the SHA-256 of the same body alone, the part of signing that is per byte.
 //!
 //! Run with `cargo bench --bench requests`.
 
@@ -29,6 +28,7 @@ use sluice::batch::{Batch, BatchLimits, Batcher};
 use sluice::budget::Budget;
 use sluice::decode::Codec;
 use sluice::emit::body::{self, Target};
+use sluice::emit::request::Request;
 use sluice::ring::{Consumer, ring};
 use sluice::shards::ShardMap;
 
@@ -157,27 +157,11 @@ fn requests(c: &mut Criterion) {
     g.finish();
 }
 
-/// Stops a request just before it is sent, once it is signed.
-#[derive(Debug)]
-struct Stop;
-
-impl aws_smithy_runtime_api::client::interceptors::Intercept for Stop {
-    fn name(&self) -> &'static str {
-        "Stop"
-    }
-
-    fn read_before_transmit(
-        &self,
-        _: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
-        _: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
-        _: &mut aws_smithy_types::config_bag::ConfigBag,
-    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
-        Err("stopped before the wire".into())
-    }
-}
-
-fn sdk(c: &mut Criterion) {
-    use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+/// One 500-record PutRecords request made ready for the wire: its body hashed, signed, and
+/// put in an HTTP request (`request::Request::signed`), everything a request costs before
+/// TLS and the socket.
+fn sign(c: &mut Criterion) {
+    use aws_credential_types::Credentials;
     let events = events();
     let (mut b, ring) = batcher(RecordFraming::KINESIS);
     let mut body = Vec::new();
@@ -186,32 +170,20 @@ fn sdk(c: &mut Criterion) {
         body::write(&mut body, Target::StreamName("load"), batch, &all);
     });
     let body = bytes::Bytes::from(body);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let conf = aws_sdk_kinesis::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("a", "b", None, None, "bench"))
-        .build();
-    let client = aws_sdk_kinesis::Client::from_conf(conf);
-    let mut g = c.benchmark_group("sdk");
+    let req = Request::new(
+        "https://kinesis.us-east-1.amazonaws.com",
+        "us-east-1".into(),
+        "kinesis",
+        "Kinesis_20131202.PutRecords",
+        None,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let id = Credentials::new("a", "b", None, None, "bench").into();
+    let mut g = c.benchmark_group("sign");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("put_records_signed", |bench| {
-        bench.iter(|| {
-            let sent = rt.block_on(
-                client
-                    .put_records()
-                    .stream_name("load")
-                    .set_records(Some(vec![]))
-                    .customize()
-                    .interceptor(body::Prebuilt::new(body.clone()))
-                    .interceptor(Stop)
-                    .send(),
-            );
-            black_box(sent.is_err())
-        })
+        bench.iter(|| black_box(req.signed(body.clone(), &id, std::time::SystemTime::now())))
     });
     g.bench_function("sha256", |bench| {
         use sha2::Digest;
@@ -220,5 +192,5 @@ fn sdk(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, requests, sdk);
+criterion_group!(benches, requests, sign);
 criterion_main!(benches);

@@ -1,12 +1,14 @@
 //! AWS clients and requests: the standard credential chain (environment, profile, web
 //! identity, ECS task role, IMDS), an optional role to assume, an endpoint override, and
-//! the SDK's own retries turned off so that ours are never stacked on them. Request bodies
-//! are written by `body` and put on the SDK's requests before signing. Every answer becomes
-//! an [`Outcome`] for the pure classifier in `retry`.
+//! the SDK's own retries turned off so that ours are never stacked on them. The control
+//! plane (`ListShards`, `DescribeDeliveryStream`) goes through the SDK's clients; the data
+//! plane through `request`, with bodies written by `body`. Every answer becomes an
+//! [`Outcome`] for the pure classifier in `retry`.
 
 use std::time::Duration;
 
-use super::body::{FIREHOSE_STUB, KINESIS_STUB, Target, Wire};
+use super::body::{Target, Wire};
+use super::request::Request;
 use super::retry::Outcome;
 use crate::batch::Batch;
 use crate::config::{Aws, FirehoseSink, KinesisSink, LinePacking};
@@ -49,45 +51,62 @@ pub async fn sdk_config(aws: &Aws) -> SdkConfig {
     loader.load().await
 }
 
-/// Maps an SDK error to an outcome: the service's code and HTTP status if it answered,
-/// "unreachable" if it did not.
-fn outcome_of<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> Outcome {
-    match e {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => Outcome::Unreachable,
-        SdkError::ServiceError(s) => Outcome::Failed {
-            code: s.err().code().map(str::to_string),
-            status: Some(s.raw().status().as_u16()),
-        },
-        SdkError::ResponseError(r) => Outcome::Failed {
-            code: None,
-            status: Some(r.raw().status().as_u16()),
-        },
-        // A request the SDK could not build is ours to fix: never retried.
-        _ => Outcome::Failed {
-            code: Some("ConstructionFailure".into()),
-            status: None,
-        },
-    }
+/// The region requests are signed for.
+fn region_of(conf: &SdkConfig) -> Result<String, String> {
+    conf.region().map(|r| r.to_string()).ok_or_else(|| {
+        "no AWS region: set `region` on the sink, or AWS_REGION, or a profile's region".into()
+    })
 }
 
 /// A Kinesis stream, by name or ARN.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Kinesis {
     client: aws_sdk_kinesis::Client,
+    put: Request,
     stream: String,
 }
 
 impl Kinesis {
-    pub async fn new(sink: &KinesisSink) -> Self {
+    pub async fn new(sink: &KinesisSink) -> Result<Self, String> {
+        use aws_sdk_kinesis::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
         let conf = sdk_config(&sink.aws).await;
         let mut b = aws_sdk_kinesis::config::Builder::from(&conf);
         if let Some(e) = &sink.aws.endpoint {
             b = b.endpoint_url(e);
         }
-        Kinesis {
+        let region = region_of(&conf)?;
+        // What the SDK would resolve for PutRecords (a stream ARN has endpoints of its own).
+        let params = Params::builder()
+            .region(region.clone())
+            .set_use_fips(conf.use_fips())
+            .set_use_dual_stack(conf.use_dual_stack())
+            .set_endpoint(
+                sink.aws
+                    .endpoint
+                    .clone()
+                    .or(conf.endpoint_url().map(str::to_string)),
+            )
+            .operation_type("data")
+            .set_stream_arn(sink.stream.starts_with("arn:").then(|| sink.stream.clone()))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let endpoint = DefaultResolver::new()
+            .resolve_endpoint(&params)
+            .await
+            .map_err(|e| format!("cannot resolve the Kinesis endpoint: {e}"))?;
+        let put = Request::new(
+            endpoint.url(),
+            region,
+            "kinesis",
+            "Kinesis_20131202.PutRecords",
+            conf.credentials_provider(),
+            sink.aws.request_timeout,
+        )?;
+        Ok(Kinesis {
             client: aws_sdk_kinesis::Client::from_conf(b.build()),
+            put,
             stream: sink.stream.clone(),
-        }
+        })
     }
 
     fn is_arn(&self) -> bool {
@@ -110,23 +129,9 @@ impl Kinesis {
         wire: &mut Wire,
         predicted: &(dyn Fn(usize) -> Option<&'a str> + Sync),
     ) -> (Outcome, bool) {
-        let (body, answer, bytes) = wire.prepare(self.target(), batch, idx, KINESIS_STUB);
-        let req = self.client.put_records().set_records(Some(vec![]));
-        let req = if self.is_arn() {
-            req.stream_arn(&self.stream)
-        } else {
-            req.stream_name(&self.stream)
-        };
-        let sent = req
-            .customize()
-            .interceptor(body)
-            .interceptor(answer)
-            .send()
-            .await;
-        wire.reclaim(bytes);
-        match sent {
-            Ok(_) => wire.read("Records", idx.len(), predicted),
-            Err(e) => (outcome_of(&e), false),
+        match wire.send(&self.put, self.target(), batch, idx).await {
+            Ok(()) => wire.read("Records", idx.len(), predicted),
+            Err(outcome) => (outcome, false),
         }
     }
 
@@ -174,47 +179,59 @@ impl Kinesis {
 }
 
 /// A Firehose delivery stream.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Firehose {
     client: aws_sdk_firehose::Client,
+    put: Request,
     stream: String,
 }
 
 impl Firehose {
-    pub async fn new(sink: &FirehoseSink) -> Self {
+    pub async fn new(sink: &FirehoseSink) -> Result<Self, String> {
+        use aws_sdk_firehose::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
         let conf = sdk_config(&sink.aws).await;
         let mut b = aws_sdk_firehose::config::Builder::from(&conf);
         if let Some(e) = &sink.aws.endpoint {
             b = b.endpoint_url(e);
         }
-        Firehose {
+        let region = region_of(&conf)?;
+        let params = Params::builder()
+            .region(region.clone())
+            .set_use_fips(conf.use_fips())
+            .set_use_dual_stack(conf.use_dual_stack())
+            .set_endpoint(
+                sink.aws
+                    .endpoint
+                    .clone()
+                    .or(conf.endpoint_url().map(str::to_string)),
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+        let endpoint = DefaultResolver::new()
+            .resolve_endpoint(&params)
+            .await
+            .map_err(|e| format!("cannot resolve the Firehose endpoint: {e}"))?;
+        let put = Request::new(
+            endpoint.url(),
+            region,
+            "firehose",
+            "Firehose_20150804.PutRecordBatch",
+            conf.credentials_provider(),
+            sink.aws.request_timeout,
+        )?;
+        Ok(Firehose {
             client: aws_sdk_firehose::Client::from_conf(b.build()),
+            put,
             stream: sink.delivery_stream.clone(),
-        }
+        })
     }
 
     /// Sends records `idx` of `batch` in one PutRecordBatch request, as [`Kinesis::put`].
     pub async fn put(&self, batch: &Batch, idx: &[usize], wire: &mut Wire) -> Outcome {
-        let (body, answer, bytes) = wire.prepare(
-            Target::DeliveryStream(&self.stream),
-            batch,
-            idx,
-            FIREHOSE_STUB,
-        );
-        let sent = self
-            .client
-            .put_record_batch()
-            .delivery_stream_name(&self.stream)
-            .set_records(Some(vec![]))
-            .customize()
-            .interceptor(body)
-            .interceptor(answer)
-            .send()
-            .await;
-        wire.reclaim(bytes);
-        match sent {
-            Ok(_) => wire.read("RequestResponses", idx.len(), &|_| None).0,
-            Err(e) => outcome_of(&e),
+        let target = Target::DeliveryStream(&self.stream);
+        match wire.send(&self.put, target, batch, idx).await {
+            Ok(()) => wire.read("RequestResponses", idx.len(), &|_| None).0,
+            Err(outcome) => outcome,
         }
     }
 

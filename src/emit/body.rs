@@ -1,25 +1,12 @@
 //! Request bodies and answers without the SDK's per-record types. The `PutRecords` and
 //! `PutRecordBatch` JSON is written straight from a batch's records (base64 data, partition
-//! keys, explicit hash keys) into one reused buffer, and an interceptor puts it on the SDK's
-//! request before signing. A successful answer's body is kept for [`read_answer`], which
-//! walks it once without a struct or `String` per record, while the SDK deserializes an
-//! empty stand-in. The SDK still resolves the endpoint, signs, sends, and reads errors; it
-//! never sees a record.
+//! keys, explicit hash keys) into one reused buffer, which `request` signs and sends. A
+//! successful answer is kept for [`read_accepted`] or [`read_answer`], which read it
+//! without a struct or `String` per record.
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::{
-    BeforeDeserializationInterceptorContextMut, BeforeTransmitInterceptorContextMut,
-};
-use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::body::SdkBody;
-use aws_smithy_types::config_bag::ConfigBag;
 use bytes::Bytes;
 
+use super::request::Request;
 use super::retry::Outcome;
 use crate::batch::Batch;
 use crate::batch::json::write_str;
@@ -87,122 +74,6 @@ pub fn write(out: &mut Vec<u8>, target: Target<'_>, batch: &Batch, idx: &[usize]
     out.extend_from_slice(field);
     write_str(out, name.as_bytes());
     out.push(b'}');
-}
-
-/// Puts a pre-built body on the SDK's request, before it is signed (so the signature covers
-/// it), in place of the records-free one the SDK serialized.
-#[derive(Debug)]
-pub struct Prebuilt(Mutex<Option<Bytes>>);
-
-impl Prebuilt {
-    pub fn new(body: Bytes) -> Self {
-        Prebuilt(Mutex::new(Some(body)))
-    }
-}
-
-impl Intercept for Prebuilt {
-    fn name(&self) -> &'static str {
-        "Prebuilt"
-    }
-
-    fn modify_before_signing(
-        &self,
-        context: &mut BeforeTransmitInterceptorContextMut<'_>,
-        _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let body = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or("the pre-built body was already used (the SDK's own retries are off)")?;
-        let req = context.request_mut();
-        req.headers_mut()
-            .insert("content-length", body.len().to_string());
-        *req.body_mut() = SdkBody::from(body);
-        Ok(())
-    }
-}
-
-/// Keeps a successful answer's body for [`read_answer`] and gives the SDK `stub`, an
-/// answer with no records, to deserialize instead. Error answers pass through untouched,
-/// so the SDK reads their codes.
-#[derive(Debug)]
-pub struct Answer {
-    stub: &'static [u8],
-    into: Arc<Mutex<Vec<u8>>>,
-}
-
-/// The smallest answers the SDK's deserializers accept.
-pub const KINESIS_STUB: &[u8] = br#"{"Records":[]}"#;
-pub const FIREHOSE_STUB: &[u8] = br#"{"FailedPutCount":0,"RequestResponses":[]}"#;
-
-impl Answer {
-    /// Collects the answer into `into` (cleared first).
-    pub fn new(stub: &'static [u8], into: Arc<Mutex<Vec<u8>>>) -> Self {
-        Answer { stub, into }
-    }
-}
-
-impl Intercept for Answer {
-    fn name(&self) -> &'static str {
-        "Answer"
-    }
-
-    fn modify_before_deserialization(
-        &self,
-        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
-        _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let resp = context.response_mut();
-        if resp.status().as_u16() != 200 {
-            return Ok(());
-        }
-        self.into.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        let inner = std::mem::replace(resp.body_mut(), SdkBody::taken());
-        *resp.body_mut() = SdkBody::from_body_1_x(Tee {
-            inner,
-            into: self.into.clone(),
-            stub: Some(Bytes::from_static(self.stub)),
-        });
-        Ok(())
-    }
-}
-
-/// A body that keeps what it reads and yields only the stub.
-struct Tee {
-    inner: SdkBody,
-    into: Arc<Mutex<Vec<u8>>>,
-    stub: Option<Bytes>,
-}
-
-impl http_body::Body for Tee {
-    type Data = Bytes;
-    type Error = aws_smithy_types::body::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        let mut into = this.into.lock().unwrap_or_else(|p| p.into_inner());
-                        into.extend_from_slice(&data);
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => {
-                    return Poll::Ready(this.stub.take().map(|b| Ok(http_body::Frame::data(b))));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
 }
 
 /// One record's result in an answer: accepted (with the shard it went to, for Kinesis),
@@ -345,30 +216,28 @@ pub fn read_accepted<'a>(
 #[derive(Debug, Default)]
 pub struct Wire {
     body: Vec<u8>,
-    answer: Arc<Mutex<Vec<u8>>>,
+    answer: Vec<u8>,
     scratch: Scratch,
     /// What it is charged to the memory budget while a delivery uses it.
     charged: usize,
 }
 
 impl Wire {
-    /// Writes the body for records `idx` of `batch`; returns the interceptors that put it
-    /// on the request and keep the answer (`stub` in its place), and the body to reclaim.
-    pub fn prepare(
+    /// Sends records `idx` of `batch` to `target` with `req`, and keeps the answer for
+    /// [`Wire::read`].
+    pub async fn send(
         &mut self,
+        req: &Request,
         target: Target<'_>,
         batch: &Batch,
         idx: &[usize],
-        stub: &'static [u8],
-    ) -> (Prebuilt, Answer, Bytes) {
+    ) -> Result<(), Outcome> {
         let mut body = std::mem::take(&mut self.body);
         write(&mut body, target, batch, idx);
         let body = Bytes::from(body);
-        (
-            Prebuilt::new(body.clone()),
-            Answer::new(stub, self.answer.clone()),
-            body,
-        )
+        let sent = req.send(body.clone(), &mut self.answer).await;
+        self.reclaim(body);
+        sent
     }
 
     /// Makes room for the body of records `idx` of `batch` and charges the budget for it,
@@ -384,7 +253,7 @@ impl Wire {
     /// Charges the budget for what its buffers have grown (or shrunk) to. simd-json's
     /// buffers are not visible; they are counted as three times the largest answer read.
     pub fn charge(&mut self, budget: &Budget) {
-        let answer = self.answer.lock().map_or(0, |a| a.capacity());
+        let answer = self.answer.capacity();
         let tape = self.scratch.tape.as_ref().map_or(0, |t| {
             t.0.capacity() * size_of::<simd_json::Node<'static>>()
         });
@@ -402,7 +271,7 @@ impl Wire {
 
     /// Takes back the body's buffer once the request is done with it (a fresh one next
     /// time if the HTTP client still holds it).
-    pub fn reclaim(&mut self, body: Bytes) {
+    fn reclaim(&mut self, body: Bytes) {
         if let Ok(b) = body.try_into_mut() {
             self.body = Vec::from(b);
             self.body.clear();
@@ -418,10 +287,10 @@ impl Wire {
         n: usize,
         predicted: &dyn Fn(usize) -> Option<&'a str>,
     ) -> (Outcome, bool) {
-        let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
+        let answer = &mut self.answer;
         let mut stale = false;
         let mut p = 0;
-        let clean = read_accepted(&answer, list, n, |id| {
+        let clean = read_accepted(answer, list, n, |id| {
             if let Some(want) = predicted(p) {
                 stale |= id != want.as_bytes();
             }
@@ -432,7 +301,7 @@ impl Wire {
         }
         stale = false;
         let mut codes = Vec::with_capacity(n);
-        let read = read_answer(&mut answer, list, &mut self.scratch, |e| {
+        let read = read_answer(answer, list, &mut self.scratch, |e| {
             codes.push(match e {
                 Entry::Accepted { shard } => {
                     if let (Some(got), Some(want)) = (shard, predicted(codes.len())) {
@@ -459,10 +328,14 @@ mod tests {
     use super::*;
     use crate::batch::Record;
     use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+    use aws_smithy_runtime_api::box_error::BoxError;
+    use aws_smithy_runtime_api::client::interceptors::Intercept;
     use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+    use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
     use aws_smithy_types::Blob;
+    use aws_smithy_types::config_bag::ConfigBag;
     use proptest::prelude::*;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     /// Takes the body the SDK serialized, then stops the request before it is signed.
     #[derive(Debug, Default, Clone)]
@@ -630,35 +503,6 @@ mod tests {
         }
     }
 
-    /// What went on the wire: the body, its Content-Length, and the signature.
-    type Wired = (Vec<u8>, String, String);
-
-    #[derive(Debug, Clone, Default)]
-    struct Sent(Arc<Mutex<Option<Wired>>>);
-
-    impl Intercept for Sent {
-        fn name(&self) -> &'static str {
-            "Sent"
-        }
-
-        fn read_before_transmit(
-            &self,
-            context: &BeforeTransmitInterceptorContextRef<'_>,
-            _: &RuntimeComponents,
-            _: &mut ConfigBag,
-        ) -> Result<(), BoxError> {
-            let r = context.request();
-            let header = |h: &str| r.headers().get(h).unwrap_or_default().to_string();
-            let sent = (
-                r.body().bytes().unwrap().to_vec(),
-                header("content-length"),
-                header("authorization"),
-            );
-            *self.0.lock().unwrap() = Some(sent);
-            Err("captured".into())
-        }
-    }
-
     #[test]
     fn an_answer_that_failed_nothing_is_read_without_a_parse() {
         let a = br#"{"FailedRecordCount":0,"Records":[{"SequenceNumber":"49","ShardId":"shardId-000000000001"},{"SequenceNumber":"50","ShardId":"shardId-000000000000"}],"EncryptionType":"NONE"}"#;
@@ -693,7 +537,7 @@ mod tests {
             (&a[..], "shardId-000000000001"),
             (&a[..], "shardId-000000000009"),
         ] {
-            *w.answer.lock().unwrap() = answer.to_vec();
+            w.answer = answer.to_vec();
             let (outcome, stale) = w.read("Records", 2, &|p| (p == 0).then_some(want));
             assert!(matches!(&outcome, Outcome::Records(c) if c == &[None, None]));
             assert_eq!(stale, want != "shardId-000000000001");
@@ -758,44 +602,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_prebuilt_body_is_what_is_signed_and_sent() {
-        let rt = runtime();
-        let conf = aws_sdk_kinesis::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("a", "b", None, None, "test"))
-            // One clock for every request: signatures then differ only by what they sign.
-            .time_source(aws_smithy_async::time::StaticTimeSource::new(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
-            ))
-            .build();
-        let client = aws_sdk_kinesis::Client::from_conf(conf);
-        let send = |data: &[u8]| {
-            let batch = batch_of(&[(data.to_vec(), "k".into(), Some(7))]);
-            let mut out = Vec::new();
-            write(&mut out, Target::StreamName("s"), &batch, &[0]);
-            let sent = Sent::default();
-            let _ = rt.block_on(
-                client
-                    .put_records()
-                    .stream_name("s")
-                    .set_records(Some(vec![]))
-                    .customize()
-                    .interceptor(Prebuilt::new(Bytes::from(out.clone())))
-                    .interceptor(sent.clone())
-                    .send(),
-            );
-            let (body, len, auth) = sent.0.lock().unwrap().take().unwrap();
-            assert_eq!(body, out, "our body went out");
-            assert_eq!(len, out.len().to_string());
-            assert!(auth.contains("Signature="), "{auth}");
-            auth
-        };
-        let (a, again, b) = (send(b"hello"), send(b"hello"), send(b"world"));
-        assert_eq!(a, again);
-        assert_ne!(a, b, "the signature covers the body that was put on");
     }
 }

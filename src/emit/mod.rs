@@ -14,6 +14,7 @@ mod dead;
 mod deliver;
 mod file;
 pub mod limiter;
+pub mod request;
 pub mod retry;
 
 use std::future::poll_fn;
@@ -122,7 +123,7 @@ impl Emitter {
             .thread_name("sluice-emit")
             .enable_all()
             .build()?;
-        let (tasks, plans) = rt.block_on(build(cfg, &budget));
+        let (tasks, plans) = rt.block_on(build(cfg, &budget))?;
         let thread = std::thread::Builder::new()
             .name("sluice-emitter".into())
             .spawn(move || {
@@ -195,7 +196,7 @@ impl Inbox {
 
 /// Builds every sink: local ones as they are, AWS ones with their clients and the facts
 /// the cores need (shard maps, line packing), each fallback wired to its target.
-async fn build(cfg: &Config, budget: &Arc<Budget>) -> (Vec<Task>, Vec<Plan>) {
+async fn build(cfg: &Config, budget: &Arc<Budget>) -> std::io::Result<(Vec<Task>, Vec<Plan>)> {
     let workers = cfg.engine.workers;
     let mut fallbacks: Vec<Option<mpsc::Sender<Fallback>>> = vec![None; cfg.sinks.len()];
     let mut fallback_rx: Vec<Option<mpsc::Receiver<Fallback>>> =
@@ -224,7 +225,9 @@ async fn build(cfg: &Config, budget: &Arc<Budget>) -> (Vec<Task>, Vec<Plan>) {
                 });
             }
             SinkKind::Kinesis(k) => {
-                let client = aws::Kinesis::new(k).await;
+                let client = aws::Kinesis::new(k)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("sink {}: {e}", sink.name)))?;
                 let known = match tokio::time::timeout(k.aws.request_timeout, client.shards()).await
                 {
                     Ok(Ok(map)) => Some(map),
@@ -270,7 +273,9 @@ async fn build(cfg: &Config, budget: &Arc<Budget>) -> (Vec<Task>, Vec<Plan>) {
                 });
             }
             SinkKind::Firehose(f) => {
-                let client = aws::Firehose::new(f).await;
+                let client = aws::Firehose::new(f)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("sink {}: {e}", sink.name)))?;
                 let packs = match tokio::time::timeout(
                     f.aws.request_timeout,
                     client.packs_lines(f.packing),
@@ -304,7 +309,7 @@ async fn build(cfg: &Config, budget: &Arc<Budget>) -> (Vec<Task>, Vec<Plan>) {
             }
         }
     }
-    (tasks, plans)
+    Ok((tasks, plans))
 }
 
 const REPORT_EVERY: Duration = Duration::from_secs(1);
