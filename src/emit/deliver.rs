@@ -323,7 +323,7 @@ impl AwsSink {
                 let unit = s.rng.next_u64() as f64 / u64::MAX as f64;
                 match verdict {
                     Verdict::Done => {
-                        self.accepted(&mut s, &batch, &pending, &shards, &[], &[]);
+                        self.accepted(&mut s, &batch, &pending, &shards, &need, &[], &[]);
                         s.aimd.success();
                         pending.clear();
                         None
@@ -345,7 +345,7 @@ impl AwsSink {
                         }
                         s.aimd.answered(now, throttled.len(), pending.len());
                         let hot: Vec<usize> = throttled.iter().map(|&p| shards[p]).collect();
-                        self.accepted(&mut s, &batch, &pending, &shards, &skip, &hot);
+                        self.accepted(&mut s, &batch, &pending, &shards, &need, &skip, &hot);
                         // One dead-letter file per error code, not per record.
                         for (p, code) in dead {
                             let reason = format!("refused by the service: {code}");
@@ -404,15 +404,32 @@ impl AwsSink {
     /// Counts accepted records (all of `pending` but the positions in `skip`), and moves
     /// each shard's bucket once for this answer (down for the shards in `hot`, which
     /// throttled, up for the others that took records).
+    #[allow(clippy::too_many_arguments)]
     fn accepted(
         &self,
         s: &mut State,
         batch: &Batch,
         pending: &[usize],
         shards: &[usize],
+        need: &[(usize, u64, u64)],
         skip: &[usize],
         hot: &[usize],
     ) {
+        let hot = slow_down(s, hot, Instant::now());
+        if skip.is_empty() {
+            // Every record was taken: the shards are those the request asked of.
+            for &i in pending {
+                let r = &batch.records[i];
+                s.c.bytes += (r.end - r.start) as u64;
+            }
+            s.c.records += pending.len() as u64;
+            if let Some(l) = &mut s.limiter {
+                for &(sh, _, _) in need.iter().filter(|n| hot.binary_search(&n.0).is_err()) {
+                    l.succeeded(sh);
+                }
+            }
+            return;
+        }
         let mut skipped = vec![false; pending.len()];
         for &p in skip {
             skipped[p] = true;
@@ -427,7 +444,6 @@ impl AwsSink {
             s.c.bytes += (r.end - r.start) as u64;
             took.push(shards[p]);
         }
-        let hot = slow_down(s, hot, Instant::now());
         if let Some(l) = &mut s.limiter {
             took.sort_unstable();
             took.dedup();
@@ -440,15 +456,18 @@ impl AwsSink {
     /// Each pending record's predicted shard, what the request takes from each shard, and
     /// the map the prediction is from.
     fn predict(&self, batch: &Batch, pending: &[usize]) -> Prediction {
-        let s = self.state();
-        if s.limiter.is_none() {
-            return (vec![0; pending.len()], vec![], s.shards.clone());
+        let (map, limited) = {
+            let s = self.state();
+            (s.shards.clone(), s.limiter.is_some())
+        };
+        if !limited {
+            return (vec![0; pending.len()], vec![], map);
         }
         let mut shards = Vec::with_capacity(pending.len());
         let mut each: Vec<(usize, u64)> = Vec::with_capacity(pending.len());
         for &i in pending {
             let r = &batch.records[i];
-            let sh = s.shards.shard_of(r.target);
+            let sh = map.shard_of(r.target);
             shards.push(sh);
             each.push((sh, (r.end - r.start + r.key_end - r.key_start) as u64));
         }
@@ -464,7 +483,7 @@ impl AwsSink {
                 _ => need.push((sh, 1, bytes)),
             }
         }
-        (shards, need, s.shards.clone())
+        (shards, need, map)
     }
 
     /// Waits for a request slot under the concurrency limit and for the shards' tokens.
