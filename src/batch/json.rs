@@ -68,6 +68,18 @@ fn escape(out: &mut Vec<u8>, s: &[u8], ascii: bool) -> Option<usize> {
         i = j + 1;
         start = i;
     }
+    // The tail, padded with spaces (neither escaped nor stopped at), as one more word:
+    // most strings are short, and a byte loop over their last few bytes cost more than
+    // the words before them.
+    if i < s.len() {
+        let mut pad = [b' '; 8];
+        pad[..s.len() - i].copy_from_slice(&s[i..]);
+        let w = u64::from_le_bytes(pad);
+        if escapes(w) | (w & stop) == 0 {
+            out.extend_from_slice(&s[start..]);
+            return None;
+        }
+    }
     while i < s.len() {
         let b = s[i];
         if ascii && b >= 0x80 {
