@@ -7,7 +7,7 @@
 use bytes::Bytes;
 
 use super::request::Request;
-use super::retry::Outcome;
+use super::retry::{self, Outcome};
 use crate::batch::Batch;
 use crate::batch::json::write_str;
 use crate::budget::Budget;
@@ -309,7 +309,7 @@ impl Wire {
                     }
                     None
                 }
-                Entry::Failed { code } => Some(code.to_string()),
+                Entry::Failed { code } => Some(retry::code(code)),
             })
         });
         if read != Some(n) {

@@ -29,7 +29,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// The longest wait before resending the records an answer failed, when it took others.
-const PROGRESS_JITTER: Duration = Duration::from_millis(5);
+const PROGRESS_JITTER: Duration = Duration::from_millis(1);
 
 /// How soon after a throttle the concurrency limit may be halved again.
 const AIMD_COOLDOWN: Duration = Duration::from_millis(500);
@@ -316,7 +316,12 @@ impl AwsSink {
                 s.c.requests += 1;
                 if let Outcome::Records(codes) = &outcome {
                     for c in codes.iter().flatten() {
-                        *s.failed.entry(c.clone()).or_default() += 1;
+                        match s.failed.get_mut(c.as_ref()) {
+                            Some(n) => *n += 1,
+                            None => {
+                                s.failed.insert(c.to_string(), 1);
+                            }
+                        }
                         s.c.failed += 1;
                     }
                 }

@@ -3,14 +3,18 @@
 //! number of requests in flight follows AIMD. Time and randomness are passed in, so all of
 //! it is tested like any other state machine (DESIGN.md invariant 8).
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
+
+/// A service's error code: one of the known ones without an allocation, as most are.
+pub type Code = Cow<'static, str>;
 
 /// What a request came back with, whichever service it went to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The service answered: for each record of the request, `None` if it was accepted or
     /// its error code.
-    Records(Vec<Option<String>>),
+    Records(Vec<Option<Code>>),
     /// The request failed as a whole: the service's error code, if it sent one, and the
     /// HTTP status, if there was a response.
     Failed {
@@ -70,6 +74,14 @@ const TRANSIENT: &[&str] = &[
     "RequestTimeoutException",
     "IDPCommunicationError",
 ];
+
+/// `code` as a [`Code`], borrowed when it is one the classifier knows.
+pub fn code(code: &str) -> Code {
+    match THROTTLES.iter().chain(TRANSIENT).find(|k| **k == code) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(code.to_string()),
+    }
+}
 
 fn is_throttle(code: &str) -> bool {
     THROTTLES.contains(&code)
@@ -193,7 +205,7 @@ mod tests {
     use super::*;
 
     fn codes(c: &[Option<&str>]) -> Outcome {
-        Outcome::Records(c.iter().map(|c| c.map(str::to_string)).collect())
+        Outcome::Records(c.iter().map(|c| c.map(code)).collect())
     }
 
     #[test]
