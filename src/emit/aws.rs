@@ -51,11 +51,40 @@ pub async fn sdk_config(aws: &Aws) -> SdkConfig {
     loader.load().await
 }
 
-/// The region requests are signed for.
-fn region_of(conf: &SdkConfig) -> Result<String, String> {
-    conf.region().map(|r| r.to_string()).ok_or_else(|| {
-        "no AWS region: set `region` on the sink, or AWS_REGION, or a profile's region".into()
-    })
+/// What a sink's clients are made from: the SDK's configuration, the region requests are
+/// signed for, and the endpoint override (the sink's `endpoint` or `AWS_ENDPOINT_URL`).
+struct Located {
+    conf: SdkConfig,
+    region: String,
+    endpoint: Option<String>,
+}
+
+impl Located {
+    async fn new(aws: &Aws) -> Result<Self, String> {
+        let conf = sdk_config(aws).await;
+        let region = conf.region().map(|r| r.to_string()).ok_or(
+            "no AWS region: set `region` on the sink, or AWS_REGION, or a profile's region",
+        )?;
+        let endpoint = (aws.endpoint.clone()).or(conf.endpoint_url().map(str::to_string));
+        Ok(Located {
+            conf,
+            region,
+            endpoint,
+        })
+    }
+
+    /// The data plane's request for `target` on `url`, which the service's resolver gave.
+    fn request(
+        &self,
+        url: &str,
+        service: &'static str,
+        target: &'static str,
+        aws: &Aws,
+    ) -> Result<Request, String> {
+        let creds = self.conf.credentials_provider();
+        let timeout = aws.request_timeout;
+        Request::new(url, self.region.clone(), service, target, creds, timeout)
+    }
 }
 
 /// A Kinesis stream, by name or ARN.
@@ -69,39 +98,30 @@ pub struct Kinesis {
 impl Kinesis {
     pub async fn new(sink: &KinesisSink) -> Result<Self, String> {
         use aws_sdk_kinesis::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
-        let conf = sdk_config(&sink.aws).await;
-        let mut b = aws_sdk_kinesis::config::Builder::from(&conf);
-        if let Some(e) = &sink.aws.endpoint {
-            b = b.endpoint_url(e);
-        }
-        let region = region_of(&conf)?;
+        let at = Located::new(&sink.aws).await?;
         // What the SDK would resolve for PutRecords (a stream ARN has endpoints of its own).
+        let arn = sink.stream.starts_with("arn:").then(|| sink.stream.clone());
         let params = Params::builder()
-            .region(region.clone())
-            .set_use_fips(conf.use_fips())
-            .set_use_dual_stack(conf.use_dual_stack())
-            .set_endpoint(
-                sink.aws
-                    .endpoint
-                    .clone()
-                    .or(conf.endpoint_url().map(str::to_string)),
-            )
+            .region(at.region.clone())
+            .set_use_fips(at.conf.use_fips())
+            .set_use_dual_stack(at.conf.use_dual_stack())
+            .set_endpoint(at.endpoint.clone())
             .operation_type("data")
-            .set_stream_arn(sink.stream.starts_with("arn:").then(|| sink.stream.clone()))
+            .set_stream_arn(arn)
             .build()
             .map_err(|e| e.to_string())?;
-        let endpoint = DefaultResolver::new()
+        let url = DefaultResolver::new()
             .resolve_endpoint(&params)
             .await
             .map_err(|e| format!("cannot resolve the Kinesis endpoint: {e}"))?;
-        let put = Request::new(
-            endpoint.url(),
-            region,
+        let put = at.request(
+            url.url(),
             "kinesis",
             "Kinesis_20131202.PutRecords",
-            conf.credentials_provider(),
-            sink.aws.request_timeout,
+            &sink.aws,
         )?;
+        let mut b = aws_sdk_kinesis::config::Builder::from(&at.conf);
+        b.set_endpoint_url(at.endpoint);
         Ok(Kinesis {
             client: aws_sdk_kinesis::Client::from_conf(b.build()),
             put,
@@ -189,36 +209,22 @@ pub struct Firehose {
 impl Firehose {
     pub async fn new(sink: &FirehoseSink) -> Result<Self, String> {
         use aws_sdk_firehose::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
-        let conf = sdk_config(&sink.aws).await;
-        let mut b = aws_sdk_firehose::config::Builder::from(&conf);
-        if let Some(e) = &sink.aws.endpoint {
-            b = b.endpoint_url(e);
-        }
-        let region = region_of(&conf)?;
+        let at = Located::new(&sink.aws).await?;
         let params = Params::builder()
-            .region(region.clone())
-            .set_use_fips(conf.use_fips())
-            .set_use_dual_stack(conf.use_dual_stack())
-            .set_endpoint(
-                sink.aws
-                    .endpoint
-                    .clone()
-                    .or(conf.endpoint_url().map(str::to_string)),
-            )
+            .region(at.region.clone())
+            .set_use_fips(at.conf.use_fips())
+            .set_use_dual_stack(at.conf.use_dual_stack())
+            .set_endpoint(at.endpoint.clone())
             .build()
             .map_err(|e| e.to_string())?;
-        let endpoint = DefaultResolver::new()
+        let url = DefaultResolver::new()
             .resolve_endpoint(&params)
             .await
             .map_err(|e| format!("cannot resolve the Firehose endpoint: {e}"))?;
-        let put = Request::new(
-            endpoint.url(),
-            region,
-            "firehose",
-            "Firehose_20150804.PutRecordBatch",
-            conf.credentials_provider(),
-            sink.aws.request_timeout,
-        )?;
+        let target = "Firehose_20150804.PutRecordBatch";
+        let put = at.request(url.url(), "firehose", target, &sink.aws)?;
+        let mut b = aws_sdk_firehose::config::Builder::from(&at.conf);
+        b.set_endpoint_url(at.endpoint);
         Ok(Firehose {
             client: aws_sdk_firehose::Client::from_conf(b.build()),
             put,
