@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice::config::{Config, DEFAULT_CONFIG, InputKind, SinkKind};
+use sluice::config::{Config, DEFAULT_CONFIG, InputKind, LogFormat, SinkKind};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -54,7 +54,6 @@ fn main() -> ExitCode {
     // bytes touch is then resident whole, which made peak RSS several times what the
     // engine holds. The memory is small enough that TLB reach does not matter.
     let _ = nix::sys::prctl::set_thp_disable(true);
-    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run(None),
@@ -68,27 +67,38 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match LOG_FORMAT.get() {
+                // A log pipeline reading JSON gets the reason as one more JSON line.
+                Some(LogFormat::Json) => tracing::error!(error = format!("{e:#}"), "Exiting"),
+                _ => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging() {
+/// The format logging was set up with, once it was.
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Sluice's own logs go to stderr, never through its pipeline, as `format` says.
+fn init_logging(format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
     use std::io::IsTerminal;
     let filter = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into());
     let targets: tracing_subscriber::filter::Targets = filter.parse().unwrap_or_else(|e| {
         eprintln!("SLUICE_LOG={filter:?} is not a valid filter ({e}); using \"info\"");
         tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
     });
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => layer.json().with_current_span(false).boxed(),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
+        .with(layer)
         .with(targets)
         .init();
 }
@@ -102,6 +112,7 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = load(config.as_ref())?;
+    init_logging(cfg.engine.log_format);
     match &config {
         Some(p) => tracing::info!(config = %p.display(), "Starting"),
         None => {

@@ -57,6 +57,7 @@ struct EngineFile {
     ring_capacity: Option<usize>,
     memory_limit: Option<Size>,
     dead_letter_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +260,18 @@ pub struct Engine {
     pub memory_limit: usize,
     /// Where records a service refuses for good are written, one file per batch.
     pub dead_letter_dir: PathBuf,
+    /// How sluice's own logs are written to stderr.
+    pub log_format: LogFormat,
+}
+
+/// `log_format = "text"` (the default: one human line per event) or `"json"` (one JSON
+/// object per line, for CloudWatch Logs, Loki and the like).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Clone, Debug)]
@@ -690,6 +703,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         ring_capacity,
         memory_limit,
         dead_letter_dir,
+        log_format: e.log_format.unwrap_or_default(),
     };
 
     let mut inputs = Vec::new();

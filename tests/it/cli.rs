@@ -253,3 +253,97 @@ fn a_taken_port_is_reported_with_its_input() {
         "{t}"
     );
 }
+
+/// Every line on stderr parses as a JSON object with a time, a level and a message.
+fn json_lines(stderr: &[u8]) -> Vec<serde_json::Value> {
+    let t = String::from_utf8_lossy(stderr);
+    let lines: Vec<serde_json::Value> = t
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{t}")))
+        .collect();
+    for v in &lines {
+        assert!(
+            v["timestamp"].as_str().is_some_and(|s| s.ends_with('Z')),
+            "{v}"
+        );
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{v}"
+        );
+    }
+    lines
+}
+
+#[test]
+fn own_logs_can_be_json_lines() {
+    let dir = scratch_dir("jsonlogs");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = |addr: &str| {
+        format!(
+            "[engine]\nlog_format = \"json\"\nstats_interval = \"1s\"\n\
+             [inputs.fwd]\ntype = \"forward\"\naddress = \"{addr}\"\n\
+             [sinks.n]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = [\"n\"]\n"
+        )
+    };
+    // Running: the start-up lines, the stats, and the final counters, each a JSON line.
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg("127.0.0.1:0")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read until it says it is ready (so its signal handler is in place), then stop it.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(
+            n > 0,
+            "sluice exited before it was ready:\n{}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(line.as_bytes());
+        if line.contains("Sluice is ready") {
+            break;
+        }
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    std::io::Read::read_to_end(&mut stderr, &mut seen).unwrap();
+    let status = child.wait().unwrap();
+    let all = String::from_utf8_lossy(&seen).to_string();
+    assert!(status.success(), "{status}\n{all}");
+    let lines = json_lines(&seen);
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap().to_string();
+    let ready = lines
+        .iter()
+        .find(|v| message(v) == "Sluice is ready")
+        .unwrap();
+    assert_eq!(ready["level"], "INFO");
+    assert!(ready["fields"]["workers"].is_u64(), "{ready}");
+    assert!(
+        lines.iter().any(|v| message(v).starts_with("Final stats")),
+        "{all}"
+    );
+    // Failing to start: the reason is one more JSON line, and the exit code is 1.
+    let path = dir.join("taken.toml");
+    std::fs::write(&path, cfg(&format!("127.0.0.1:{port}"))).unwrap();
+    let o = sluice(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let lines = json_lines(&o.stderr);
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("cannot bind 127.0.0.1:{port}")),
+        "{last}"
+    );
+}
