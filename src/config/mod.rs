@@ -1096,6 +1096,17 @@ sinks = "out"
         );
         let e = parse_err("inputs = 3");
         assert!(e.starts_with("config:") && e.contains("line 1"), "{e}");
+        let e = parse_err(&format!("{MIN}\n[engine]\nlog_format = \"xml\"\n"));
+        assert!(
+            e.contains("unknown variant `xml`, expected `text` or `json`"),
+            "{e}"
+        );
+        let c = Config::parse(&format!("{MIN}\n[engine]\nlog_format = \"json\"\n")).unwrap();
+        assert_eq!(c.engine.log_format, LogFormat::Json);
+        assert_eq!(
+            Config::parse(MIN).unwrap().engine.log_format,
+            LogFormat::Text
+        );
     }
 
     #[test]
