@@ -246,23 +246,29 @@ async fn serve<C: Conn>(mut stream: TcpStream, mut conn: C, shard: &Shared) {
     link.peer.set(stream.peer_addr().ok());
     shard.borrow_mut().open_link(&link);
     loop {
-        let progress = conn.process(&mut shard.borrow_mut());
-        match progress {
-            Progress::Close(e) => {
-                shard
-                    .borrow_mut()
-                    .refused(e, "Closing a connection", link.peer.get());
-                break;
+        // Acks the peer does not read stop the processing that makes them, not only the
+        // reads: whatever brought the input in, unwritten acks stay within the bound.
+        let wake = if link.pending_acks() > MAX_PENDING_ACKS {
+            poll_fn(|cx| poll_drain_acks(cx, &mut stream, &link, shard)).await
+        } else {
+            let progress = conn.process(&mut shard.borrow_mut());
+            match progress {
+                Progress::Close(e) => {
+                    shard
+                        .borrow_mut()
+                        .refused(e, "Closing a connection", link.peer.get());
+                    break;
+                }
+                Progress::Yield => {
+                    glommio::yield_if_needed().await;
+                    continue;
+                }
+                Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(),
+                Progress::Read | Progress::Blocked => {}
             }
-            Progress::Yield => {
-                glommio::yield_if_needed().await;
-                continue;
-            }
-            Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(),
-            Progress::Read | Progress::Blocked => {}
-        }
-        let blocked = progress == Progress::Blocked;
-        let wake = poll_fn(|cx| poll_conn(cx, &mut stream, &mut conn, &link, shard, blocked)).await;
+            let blocked = progress == Progress::Blocked;
+            poll_fn(|cx| poll_conn(cx, &mut stream, &mut conn, &link, shard, blocked)).await
+        };
         match wake {
             Wake::Read(0) => {
                 conn.finish(&mut shard.borrow_mut());
@@ -332,8 +338,28 @@ fn poll_conn<C: Conn>(
     }
 }
 
-/// Unwritten ack bytes at which a connection stops being read.
+/// Unwritten ack bytes at which a connection stops being read and processed.
 const MAX_PENDING_ACKS: usize = 64 << 10;
+
+/// Writes pending acks until they are back within the bound (`Unblocked`), or shutdown.
+fn poll_drain_acks(
+    cx: &mut Context<'_>,
+    stream: &mut TcpStream,
+    link: &Rc<Link>,
+    shard: &Shared,
+) -> Poll<Wake> {
+    link.set_waker(cx.waker());
+    if let Err(e) = poll_write_acks(cx, stream, link) {
+        return Poll::Ready(Wake::Failed(e));
+    }
+    if shard.borrow().phase != Phase::Running {
+        return Poll::Ready(Wake::Stop);
+    }
+    if link.pending_acks() > MAX_PENDING_ACKS {
+        return Poll::Pending;
+    }
+    Poll::Ready(Wake::Unblocked)
+}
 
 /// Writes as many pending ack bytes as the socket takes now.
 fn poll_write_acks(
