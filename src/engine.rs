@@ -1,15 +1,13 @@
-//! Start-up and shutdown. Probes io_uring, binds the inputs, builds the rings, starts the
-//! emitter and one glommio executor per core (pinned to the CPUs this process may use),
-//! and on SIGTERM or SIGINT runs the shutdown order documented in DESIGN.md.
+//! Start-up and shutdown. Chooses the I/O backend, binds the inputs, builds the rings,
+//! starts the emitter and one core per worker (pinned to the CPUs this process may use),
+//! and on SIGTERM or SIGINT runs the shutdown order in ARCHITECTURE.md.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement};
-
-use crate::accept::{self, uring};
+use crate::accept::{self, epoll, serve, uring};
 use crate::budget::Budget;
-use crate::config::Config;
+use crate::config::{Config, IoBackend};
 use crate::emit::{Emitter, Ports};
 use crate::metrics;
 use crate::probe;
@@ -26,9 +24,28 @@ pub enum EngineError {
     Start(String),
 }
 
+/// The backend the cores run on, and why.
+fn choose(io: IoBackend) -> Result<(IoBackend, String), probe::ProbeError> {
+    match io {
+        IoBackend::Epoll => Ok((IoBackend::Epoll, "configured".into())),
+        IoBackend::Uring => probe::check_uring().map(|()| (IoBackend::Uring, "configured".into())),
+        IoBackend::Auto => match probe::check_uring() {
+            Ok(()) => Ok((IoBackend::Uring, "io_uring available".into())),
+            Err(e) => Ok((IoBackend::Epoll, e.reason())),
+        },
+    }
+}
+
 /// Runs until a shutdown signal has been handled.
 pub fn run(cfg: Config) -> Result<(), EngineError> {
-    probe::check_uring()?;
+    let (io, why) = choose(cfg.engine.io)?;
+    let io_name = match io {
+        IoBackend::Epoll => "epoll",
+        _ => "uring",
+    };
+    if cfg.engine.io == IoBackend::Auto && io == IoBackend::Epoll {
+        tracing::info!("{why}: using epoll");
+    }
     let bound = accept::bind(&cfg)?;
     let cfg = Arc::new(cfg);
     let workers = cfg.engine.workers;
@@ -82,11 +99,11 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut cores = Vec::new();
     for (core, (sockets, rings)) in bound.cores.into_iter().zip(core_rings).enumerate() {
-        let placement = match cpus.get(core) {
-            Some(&cpu) if cpus.len() >= workers => Placement::Fixed(cpu),
-            _ => Placement::Unbound,
+        let cpu = match cpus.get(core) {
+            Some(&cpu) if cpus.len() >= workers => Some(cpu),
+            _ => None,
         };
-        let ctx = uring::CoreCtx {
+        let ctx = serve::CoreCtx {
             core,
             cfg: cfg.clone(),
             sockets,
@@ -95,13 +112,11 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
             shutdown: stop_rx.clone(),
             ready: ready_tx.clone(),
         };
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("sluice-core{core}"))
-            .io_memory(probe::IO_MEMORY)
-            .spawn(move || uring::run(ctx))
-            .map_err(|e| {
-                EngineError::Start(format!("cannot start core {core}: {}", probe::classify(e)))
-            })?;
+        let handle = match io {
+            IoBackend::Epoll => epoll::start(ctx, cpu),
+            _ => uring::start(ctx, cpu),
+        }
+        .map_err(EngineError::Start)?;
         cores.push(handle);
     }
     drop(reporter);
@@ -131,10 +146,10 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         };
         tracing::info!(input = %input.name, address = %addr, protocols, "Listening");
     }
-    tracing::info!(workers, io = "uring", "Sluice is ready");
+    tracing::info!(workers, io = io_name, reason = %why, "Sluice is ready");
 
     for (core, h) in cores.into_iter().enumerate() {
-        if let Err(e) = h.join() {
+        if let Err(e) = h() {
             tracing::error!(core, error = %e, "Core stopped with an error");
         }
     }

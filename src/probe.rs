@@ -1,6 +1,7 @@
 //! Start-up probes: can this process run glommio's io_uring cores? glommio needs at least
 //! 512 KiB of locked memory and the io_uring system calls, which Docker's and containerd's
-//! default seccomp profiles and ECS Fargate block. A failed probe says what to change.
+//! default seccomp profiles and ECS Fargate block. `io = "auto"` then runs the epoll
+//! backend and says why; `io = "uring"` fails with what to change.
 
 use std::io;
 
@@ -36,6 +37,37 @@ pub enum ProbeError {
     NoUring(io::Error),
     #[error("the io_uring engine could not start: {0}")]
     Other(String),
+}
+
+impl ProbeError {
+    /// Why io_uring is out, in a few words, for the line that names the backend chosen.
+    pub fn reason(&self) -> String {
+        match self {
+            ProbeError::Memlock { soft } => {
+                format!("locked-memory limit {soft} bytes is below io_uring's {MIN_MEMLOCK}")
+            }
+            ProbeError::Disabled => "io_uring disabled by kernel.io_uring_disabled".into(),
+            ProbeError::Blocked(e) if restricted() => format!(
+                "io_uring refused ({}) under kernel.io_uring_disabled = 1",
+                errno_name(e)
+            ),
+            ProbeError::Blocked(e) => format!("io_uring refused by seccomp ({})", errno_name(e)),
+            ProbeError::NoUring(_) => "this kernel has no io_uring (ENOSYS)".into(),
+            ProbeError::Other(e) => format!("io_uring failed to start: {e}"),
+        }
+    }
+}
+
+fn restricted() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").is_ok_and(|s| s.trim() == "1")
+}
+
+fn errno_name(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(nix::libc::EPERM) => "EPERM",
+        Some(nix::libc::EACCES) => "EACCES",
+        _ => "refused",
+    }
 }
 
 /// Checks locked memory (raising the soft limit to the hard one where that is enough)

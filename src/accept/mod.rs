@@ -6,7 +6,12 @@
 //! (so port 0 becomes one real port for every core, and a taken port is reported before
 //! any core starts), and is dropped once the cores have bound their own.
 
+pub mod epoll;
+pub mod serve;
 pub mod uring;
+
+/// Waits for a started core to end.
+pub type CoreHandle = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 use std::net::SocketAddr;
 

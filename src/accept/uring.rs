@@ -1,439 +1,99 @@
-//! The io_uring I/O loop: one glommio executor per core runs that core's listeners,
-//! connections and datagram sockets, and the pump that moves its batches and completions.
-//! Everything between the socket and the ring is the shared, runtime-free code in `conn`
-//! and `shard`.
+//! The io_uring backend: a glommio executor per core, pinned to its CPU, whose sockets
+//! complete through the core's own rings.
 
-use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_lite::io::{AsyncRead, AsyncWrite};
+use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream, UdpSocket};
-use glommio::sync::Gate;
-use glommio::timer::sleep;
+use glommio::{LocalExecutorBuilder, Placement};
 
-use super::CoreSockets;
-use crate::config::{Config, InputKind};
-use crate::conn::{Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram};
-use crate::decode::forward::Scratch;
-use crate::decode::jsonl::JsonParser;
-use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
-use crate::metrics::Reporter;
-use crate::shard::{CoreSink, Phase, Shard};
+use super::serve::{self, CoreCtx, Runtime};
+use crate::probe;
 
-/// Everything one core starts from.
-pub struct CoreCtx {
-    pub core: usize,
-    pub cfg: Arc<Config>,
-    pub sockets: CoreSockets,
-    pub rings: Vec<CoreSink>,
-    pub reporter: Reporter,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
-    pub ready: crossbeam_channel::Sender<Result<(), String>>,
-}
+pub struct Uring;
 
-type Shared = Rc<RefCell<Shard>>;
+impl Runtime for Uring {
+    type Listener = TcpListener;
+    type Stream = TcpStream;
+    type Datagram = UdpSocket;
+    type Task = glommio::Task<()>;
 
-/// Runs one core until shutdown has run its course.
-pub async fn run(ctx: CoreCtx) {
-    let CoreCtx {
-        core,
-        cfg,
-        sockets,
-        rings,
-        reporter,
-        mut shutdown,
-        ready,
-    } = ctx;
-    let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
-    let gate = Gate::new();
-    let mut inputs = Vec::new();
-    for (i, addr) in sockets.tcp {
-        let input = &cfg.inputs[i];
-        let listener = match TcpListener::bind(addr) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = ready.send(Err(format!(
-                    "inputs.{}.address: core {core} cannot listen on {addr}: {e}",
-                    input.name
-                )));
-                return;
-            }
-        };
-        let limit = input.max_connections.div_ceil(cfg.engine.workers);
-        inputs.push(glommio::spawn_local(accept(
-            listener,
-            input.kind.clone(),
-            limit,
-            shard.clone(),
-            gate.clone(),
-        )));
+    fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+        // glommio sets SO_REUSEPORT itself.
+        TcpListener::bind(addr).map_err(io::Error::from)
     }
-    for (i, sock) in sockets.udp {
-        let sock = UdpSocket::from(sock);
-        let source = match Proto::of(&cfg.inputs[i].kind) {
-            Proto::Json { source, .. } => Some(source),
-            Proto::Forward { .. } => None,
-        };
-        inputs.push(glommio::spawn_local(datagrams(sock, source, shard.clone())));
+
+    async fn accept(l: &TcpListener) -> io::Result<TcpStream> {
+        l.accept().await.map_err(io::Error::from)
     }
-    let report_every = cfg.engine.stats_interval.min(Duration::from_secs(1));
-    let pump = glommio::spawn_local(pump(
-        shard.clone(),
-        reporter.clone(),
-        Shard::tick(&cfg),
-        report_every,
-    ));
-    let _ = ready.send(Ok(()));
 
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    fn prepare(s: &TcpStream) -> Option<SocketAddr> {
+        let _ = s.set_nodelay(true);
+        s.peer_addr().ok()
+    }
 
-    // The documented order: stop accepting, read open connections for the input grace,
-    // seal everything, drain until the deadline, write the final acks, leave.
-    for t in inputs {
+    fn poll_read(
+        s: &mut TcpStream,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(s).poll_read(cx, buf)
+    }
+
+    fn poll_write(s: &mut TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(s).poll_write(cx, buf)
+    }
+
+    async fn flush(s: &mut TcpStream) {
+        let _ = s.flush().await;
+    }
+
+    fn datagram(s: socket2::Socket) -> io::Result<UdpSocket> {
+        Ok(UdpSocket::from(s))
+    }
+
+    async fn recv_from(s: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        s.recv_from(buf).await.map_err(io::Error::from)
+    }
+
+    async fn send_to(s: &UdpSocket, buf: &[u8], to: SocketAddr) {
+        let _ = s.send_to(buf, to).await;
+    }
+
+    fn spawn(f: impl Future<Output = ()> + 'static) -> Self::Task {
+        glommio::spawn_local(f)
+    }
+
+    fn spawn_detached(f: impl Future<Output = ()> + 'static) {
+        glommio::spawn_local(f).detach();
+    }
+
+    async fn cancel(t: Self::Task) {
         t.cancel().await;
     }
-    let grace_end = Instant::now() + cfg.engine.input_grace;
-    while Instant::now() < grace_end && shard.borrow().connections() > 0 {
-        sleep(Duration::from_millis(10)).await;
-    }
-    shard.borrow_mut().set_phase(Phase::Draining);
-    shard.borrow_mut().seal_all();
-    let deadline = Instant::now() + cfg.engine.drain_timeout;
-    while Instant::now() < deadline && !shard.borrow().idle() {
-        sleep(Duration::from_millis(10)).await;
-    }
-    if !shard.borrow().idle() {
-        let (batches, chunks) = shard.borrow().unsettled();
-        tracing::warn!(
-            core,
-            batches,
-            chunks,
-            "Drain timeout reached with batches unsettled; their chunks are not acked, so clients that use acks send them again"
-        );
-    }
-    shard.borrow_mut().set_phase(Phase::Closing);
-    let _ = gate.close().await;
-    pump.cancel().await;
-    shard.borrow().report(&reporter);
-}
 
-/// Moves batches and completions, seals lingering batches, and reports counters.
-async fn pump(shard: Shared, reporter: Reporter, tick: Duration, report_every: Duration) {
-    let mut next_report = Instant::now() + report_every;
-    loop {
-        // The pump does its work whenever a ring wakes it; the timer bounds linger.
-        futures_lite::future::or(
-            poll_fn(|cx| {
-                shard.borrow_mut().poll_pump(cx);
-                Poll::<()>::Pending
-            }),
-            async {
-                sleep(tick).await;
-            },
-        )
-        .await;
-        let now = Instant::now();
-        shard.borrow_mut().seal_due(now);
-        if now >= next_report {
-            shard.borrow().report(&reporter);
-            next_report = now + report_every;
-        }
+    async fn sleep(d: Duration) {
+        glommio::timer::sleep(d).await;
+    }
+
+    async fn yield_if_needed() {
+        glommio::yield_if_needed().await;
     }
 }
 
-/// How an input's connections speak, fixed when its listener starts.
-enum Proto {
-    Forward {
-        max_frame: usize,
-        max_inflated: usize,
-    },
-    Json {
-        max_line: usize,
-        source: Rc<JsonSource>,
-    },
-}
-
-impl Proto {
-    fn of(kind: &InputKind) -> Proto {
-        match kind {
-            InputKind::Forward {
-                max_frame_bytes,
-                max_decompressed_bytes,
-                ..
-            } => Proto::Forward {
-                max_frame: *max_frame_bytes,
-                max_inflated: *max_decompressed_bytes,
-            },
-            InputKind::JsonLines {
-                max_line_bytes,
-                tag,
-                tag_key,
-                ..
-            } => Proto::Json {
-                max_line: *max_line_bytes,
-                source: Rc::new(JsonSource {
-                    tag: tag.clone(),
-                    tag_key: tag_key.clone(),
-                }),
-            },
-        }
-    }
-}
-
-async fn accept(listener: TcpListener, kind: InputKind, limit: usize, shard: Shared, gate: Gate) {
-    let proto = Proto::of(&kind);
-    let scratch = Rc::new(RefCell::new(Scratch::default()));
-    let open = Rc::new(Cell::new(0usize));
-    loop {
-        let stream = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors or similar: say so, back off, and go on.
-                shard.borrow_mut().accept_failed(&e);
-                sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if open.get() >= limit {
-            shard.borrow_mut().refused_connection(limit);
-            continue;
-        }
-        open.set(open.get() + 1);
-        let (shard, open) = (shard.clone(), open.clone());
-        let task = match &proto {
-            Proto::Forward {
-                max_frame,
-                max_inflated,
-            } => {
-                let conn = ForwardConn::new(*max_frame, *max_inflated, scratch.clone());
-                gate.spawn(async move {
-                    serve(stream, conn, &shard).await;
-                    open.set(open.get() - 1);
-                })
-            }
-            Proto::Json { max_line, source } => {
-                let conn = JsonConn::new(*max_line, source.clone());
-                gate.spawn(async move {
-                    serve(stream, conn, &shard).await;
-                    open.set(open.get() - 1);
-                })
-            }
-        };
-        // The gate is closed only at shutdown, after this task was cancelled.
-        if let Ok(t) = task {
-            t.detach();
-        }
-    }
-}
-
-/// What woke a connection.
-enum Wake {
-    Read(usize),
-    Unblocked,
-    Stop,
-    Failed(std::io::Error),
-}
-
-/// Serves one connection until the peer leaves, the input turns out broken, or shutdown.
-async fn serve<C: Conn>(mut stream: TcpStream, mut conn: C, shard: &Shared) {
-    let _ = stream.set_nodelay(true);
-    let link = conn.link().clone();
-    link.peer.set(stream.peer_addr().ok());
-    shard.borrow_mut().open_link(&link);
-    loop {
-        // Acks the peer does not read stop the processing that makes them, not only the
-        // reads: whatever brought the input in, unwritten acks stay within the bound.
-        let wake = if link.pending_acks() > MAX_PENDING_ACKS {
-            poll_fn(|cx| poll_drain_acks(cx, &mut stream, &link, shard)).await
-        } else {
-            let progress = conn.process(&mut shard.borrow_mut());
-            match progress {
-                Progress::Close(e) => {
-                    shard
-                        .borrow_mut()
-                        .refused(e, "Closing a connection", link.peer.get());
-                    break;
-                }
-                Progress::Yield => {
-                    glommio::yield_if_needed().await;
-                    continue;
-                }
-                Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(),
-                Progress::Read | Progress::Blocked => {}
-            }
-            let blocked = progress == Progress::Blocked;
-            poll_fn(|cx| poll_conn(cx, &mut stream, &mut conn, &link, shard, blocked)).await
-        };
-        match wake {
-            Wake::Read(0) => {
-                conn.finish(&mut shard.borrow_mut());
-                settle_acks(&mut stream, &link, shard).await;
-                break;
-            }
-            Wake::Read(n) => {
-                conn.filled(n);
-                shard.borrow_mut().counters.bytes_in += n as u64;
-            }
-            Wake::Unblocked => {}
-            Wake::Stop => {
-                // A frame paused half-way is given up (and not acked) before waiting on
-                // the acks of the rest.
-                conn.abandon(&mut shard.borrow_mut());
-                settle_acks(&mut stream, &link, shard).await;
-                break;
-            }
-            Wake::Failed(e) => {
-                tracing::debug!(error = %e, "Connection failed");
-                break;
-            }
-        }
-    }
-    let mut s = shard.borrow_mut();
-    conn.abandon(&mut s);
-    s.close_link(&link);
-}
-
-/// Writes pending acks, then waits for input, for the shard to unblock, or for shutdown.
-fn poll_conn<C: Conn>(
-    cx: &mut Context<'_>,
-    stream: &mut TcpStream,
-    conn: &mut C,
-    link: &Rc<Link>,
-    shard: &Shared,
-    blocked: bool,
-) -> Poll<Wake> {
-    link.set_waker(cx.waker());
-    if let Err(e) = poll_write_acks(cx, stream, link) {
-        return Poll::Ready(Wake::Failed(e));
-    }
-    let mut s = shard.borrow_mut();
-    if s.phase != Phase::Running {
-        return Poll::Ready(Wake::Stop);
-    }
-    if s.blocked_for(link) {
-        s.park(link);
-        return Poll::Pending;
-    }
-    drop(s);
-    if blocked {
-        return Poll::Ready(Wake::Unblocked);
-    }
-    // A peer that does not read its acks stops being read; the pending write wakes us.
-    if link.pending_acks() > MAX_PENDING_ACKS {
-        return Poll::Pending;
-    }
-    match Pin::new(stream).poll_read(cx, conn.read_buf()) {
-        Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
-        Poll::Ready(Err(e)) => Poll::Ready(Wake::Failed(e)),
-        Poll::Pending => {
-            // glommio keeps no hold on the buffer while it waits for readiness.
-            conn.idle();
-            Poll::Pending
-        }
-    }
-}
-
-/// Unwritten ack bytes at which a connection stops being read and processed.
-const MAX_PENDING_ACKS: usize = 64 << 10;
-
-/// Writes pending acks until they are back within the bound (`Unblocked`), or shutdown.
-fn poll_drain_acks(
-    cx: &mut Context<'_>,
-    stream: &mut TcpStream,
-    link: &Rc<Link>,
-    shard: &Shared,
-) -> Poll<Wake> {
-    link.set_waker(cx.waker());
-    if let Err(e) = poll_write_acks(cx, stream, link) {
-        return Poll::Ready(Wake::Failed(e));
-    }
-    if shard.borrow().phase != Phase::Running {
-        return Poll::Ready(Wake::Stop);
-    }
-    if link.pending_acks() > MAX_PENDING_ACKS {
-        return Poll::Pending;
-    }
-    Poll::Ready(Wake::Unblocked)
-}
-
-/// Writes as many pending ack bytes as the socket takes now.
-fn poll_write_acks(
-    cx: &mut Context<'_>,
-    stream: &mut TcpStream,
-    link: &Link,
-) -> std::io::Result<()> {
-    while link.has_acks() {
-        let r = link.write_acks(|b| match Pin::new(&mut *stream).poll_write(cx, b) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Ok(0),
-        })?;
-        if r == 0 {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// After the peer's end of input or at shutdown: waits until every chunk of this
-/// connection is acked (or the core is out of time) and writes the acks.
-async fn settle_acks(stream: &mut TcpStream, link: &Rc<Link>, shard: &Shared) {
-    poll_fn(|cx| {
-        link.set_waker(cx.waker());
-        if poll_write_acks(cx, stream, link).is_err() {
-            return Poll::Ready(());
-        }
-        let settled = link.outstanding() == 0 && !link.has_acks();
-        if settled || shard.borrow().phase == Phase::Closing {
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    })
-    .await;
-    let _ = futures_lite::io::AsyncWriteExt::flush(stream).await;
-}
-
-/// Reads one UDP socket: Forward heartbeats are answered; JSON lines are ingested, one
-/// or more per datagram. Stops reading while the shard is blocked (the kernel then drops
-/// datagrams, as UDP allows).
-async fn datagrams(sock: UdpSocket, source: Option<Rc<JsonSource>>, shard: Shared) {
-    let mut buf = vec![0u8; MAX_DATAGRAM + JSON_PADDING];
-    let mut parser = JsonParser::default();
-    let link = Rc::new(Link::default());
-    loop {
-        poll_fn(|cx| {
-            link.set_waker(cx.waker());
-            let mut s = shard.borrow_mut();
-            if s.blocked_for(&link) {
-                s.park(&link);
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        let (n, peer) = match sock.recv_from(&mut buf[..MAX_DATAGRAM]).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "Receiving a datagram failed");
-                sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        match &source {
-            None => {
-                shard.borrow_mut().counters.heartbeats += 1;
-                let _ = sock.send_to(HEARTBEAT_REPLY, peer).await;
-            }
-            Some(source) => {
-                let mut s = shard.borrow_mut();
-                s.counters.bytes_in += n as u64;
-                ingest_datagram(&mut s, &mut parser, &mut buf, n, source, peer);
-            }
-        }
-    }
+/// Starts one core on its own glommio executor.
+pub fn start(ctx: CoreCtx, cpu: Option<usize>) -> Result<super::CoreHandle, String> {
+    let core = ctx.core;
+    let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
+    let handle = LocalExecutorBuilder::new(placement)
+        .name(&format!("sluice-core{core}"))
+        .io_memory(probe::IO_MEMORY)
+        .spawn(move || serve::run::<Uring>(ctx))
+        .map_err(|e| format!("cannot start core {core}: {}", probe::classify(e)))?;
+    Ok(Box::new(move || handle.join().map_err(|e| e.to_string())))
 }

@@ -58,6 +58,7 @@ struct EngineFile {
     memory_limit: Option<Size>,
     dead_letter_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    io: Option<IoBackend>,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +263,19 @@ pub struct Engine {
     pub dead_letter_dir: PathBuf,
     /// How sluice's own logs are written to stderr.
     pub log_format: LogFormat,
+    /// Which I/O backend runs the cores.
+    pub io: IoBackend,
+}
+
+/// `io = "auto"` (the default: io_uring where the host allows it, else epoll), `"uring"`
+/// (io_uring or a start-up error that says what to change) or `"epoll"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    #[default]
+    Auto,
+    Uring,
+    Epoll,
 }
 
 /// `log_format = "text"` (the default: one human line per event) or `"json"` (one JSON
@@ -704,6 +718,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         memory_limit,
         dead_letter_dir,
         log_format: e.log_format.unwrap_or_default(),
+        io: e.io.unwrap_or_default(),
     };
 
     let mut inputs = Vec::new();
@@ -1107,6 +1122,12 @@ sinks = "out"
             Config::parse(MIN).unwrap().engine.log_format,
             LogFormat::Text
         );
+        let e = parse_err(&format!("{MIN}\n[engine]\nio = \"kqueue\"\n"));
+        assert!(
+            e.contains("unknown variant `kqueue`, expected one of `auto`, `uring`, `epoll`"),
+            "{e}"
+        );
+        assert_eq!(Config::parse(MIN).unwrap().engine.io, IoBackend::Auto);
     }
 
     #[test]

@@ -3,11 +3,13 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::emulators::Emulator;
-use crate::harness::{BIN, Opts, Sluice, read_stdout, scratch_dir};
+use crate::harness::{
+    BIN, Opts, Sluice, assert_exactly_once, read_stdout, scratch_dir, wait_json_lines,
+};
 use crate::kinesis::{exactly_once, send_acked};
 
 fn sluice(args: &[&str]) -> Output {
@@ -188,14 +190,20 @@ fn embedded_default_config_prints_events_to_stdout() {
     );
 }
 
-fn start_fails(cmd: &mut Command) -> String {
-    let dir = scratch_dir("startfail");
+/// The forward test config with the engine's `io` set.
+fn config_with_io(name: &str, io: &str) -> PathBuf {
+    let dir = scratch_dir(name);
     let cfg = dir.join("c.toml");
-    std::fs::write(
-        &cfg,
-        crate::forward::ROUTES.replace("{dir}", dir.to_str().unwrap()),
-    )
-    .unwrap();
+    let text = crate::forward::ROUTES
+        .replace("{dir}", dir.to_str().unwrap())
+        .replace("[engine]\n", &format!("[engine]\nio = \"{io}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// `io = "uring"` where io_uring cannot run: exit 1 with what to change.
+fn start_fails(cmd: &mut Command) -> String {
+    let cfg = config_with_io("startfail", "uring");
     let o = cmd
         .arg(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
@@ -203,6 +211,29 @@ fn start_fails(cmd: &mut Command) -> String {
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     text(&o)
+}
+
+/// The seccomp helper: runs a command with the io_uring calls refused (EPERM), as
+/// Docker's default profile and Fargate do.
+#[cfg(target_arch = "x86_64")]
+pub fn no_uring() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let helper = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no_uring");
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/helpers/no_uring.c");
+            let tmp = helper.with_extension(format!("{}", std::process::id()));
+            let o = Command::new("cc")
+                .arg("-o")
+                .arg(&tmp)
+                .arg(&src)
+                .output()
+                .expect("a C compiler (cc)");
+            assert!(o.status.success(), "building no_uring: {}", text(&o));
+            std::fs::rename(&tmp, &helper).unwrap();
+            helper
+        })
+        .clone()
 }
 
 #[test]
@@ -218,21 +249,63 @@ fn too_little_locked_memory_is_explained() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn blocked_io_uring_is_explained() {
-    let helper = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no_uring");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/helpers/no_uring.c");
-    let o = Command::new("cc")
-        .arg("-o")
-        .arg(&helper)
-        .arg(&src)
-        .output()
-        .expect("a C compiler (cc)");
-    assert!(o.status.success(), "building no_uring: {}", text(&o));
-    let t = start_fails(&mut Command::new(&helper));
+    let t = start_fails(&mut Command::new(no_uring()));
     assert!(
         t.contains("io_uring_setup was refused") && t.contains("seccomp"),
         "{t}"
     );
     assert!(!t.contains("panicked"), "{t}");
+}
+
+/// Where io_uring is refused, `io = "auto"` (the default) runs epoll, says why, and
+/// serves: a Forward event arrives and is acked.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn auto_falls_back_to_epoll_under_seccomp_and_says_why() {
+    let cfg = config_with_io("auto-epoll", "auto");
+    let dir = cfg.parent().unwrap().to_path_buf();
+    auto_serves_on_epoll(
+        no_uring(),
+        &[],
+        dir,
+        &cfg,
+        "io_uring refused by seccomp (EPERM): using epoll",
+    );
+}
+
+/// Locked memory too small for io_uring: `auto` runs epoll, which needs none.
+#[test]
+fn auto_falls_back_to_epoll_without_locked_memory() {
+    let cfg = config_with_io("auto-memlock", "auto");
+    let dir = cfg.parent().unwrap().to_path_buf();
+    auto_serves_on_epoll(
+        "prlimit".into(),
+        &["--memlock=0"],
+        dir,
+        &cfg,
+        "locked-memory limit 0 bytes is below io_uring's 524288: using epoll",
+    );
+}
+
+fn auto_serves_on_epoll(
+    wrapper: PathBuf,
+    wrapper_args: &[&str],
+    dir: PathBuf,
+    cfg: &Path,
+    why: &str,
+) {
+    let mut args: Vec<std::ffi::OsString> = wrapper_args.iter().map(Into::into).collect();
+    args.push(BIN.into());
+    args.extend(["run".into(), "--config".into(), cfg.as_os_str().to_owned()]);
+    let mut s = Sluice::spawn_wrapped(dir, &wrapper, &args, Opts::default());
+    let logs = s.logs().join("\n");
+    assert!(logs.contains(why), "{logs}");
+    let ready = s.wait_log("ready", |l| l.contains("Sluice is ready"));
+    assert!(ready.contains("io=\"epoll\""), "{ready}");
+    send_acked(s.addr("fwd"), "frontend", "auto", 250);
+    let lines = wait_json_lines(&mut s, "front", 250);
+    assert_exactly_once(&lines, "frontend", "auto", 250);
+    s.assert_healthy();
 }
 
 #[test]

@@ -78,7 +78,18 @@ impl Sluice {
 
     /// Starts `sluice ARGS...` and waits until it is ready.
     pub fn spawn(dir: PathBuf, args: &[std::ffi::OsString], opts: Opts) -> Sluice {
-        let mut child = Command::new(BIN)
+        Sluice::spawn_wrapped(dir, Path::new(BIN), args, opts)
+    }
+
+    /// Starts `PROGRAM ARGS...`, a wrapper (prlimit, a seccomp filter) that runs sluice,
+    /// and waits until sluice is ready.
+    pub fn spawn_wrapped(
+        dir: PathBuf,
+        program: &Path,
+        args: &[std::ffi::OsString],
+        opts: Opts,
+    ) -> Sluice {
+        let mut child = Command::new(program)
             .args(args)
             .env("SLUICE_LOG", "info")
             // Emulators take any credentials; never look for real ones.
@@ -114,7 +125,15 @@ impl Sluice {
             addrs: HashMap::new(),
             stdout,
         };
-        s.wait_log("ready", |l| l.contains("Sluice is ready"));
+        let ready = s.wait_log("ready", |l| l.contains("Sluice is ready"));
+        // tests/run.sh's second run: the backend chosen must be the one expected.
+        if let Ok(io) = std::env::var("SLUICE_EXPECT_IO") {
+            assert!(
+                ready.contains(&format!("io=\"{io}\""))
+                    || ready.contains(&format!("\"io\":\"{io}\"")),
+                "expected the {io} backend: {ready}"
+            );
+        }
         for line in s.logs() {
             if let (Some(i), Some(a)) = (field(&line, "input"), field(&line, "address")) {
                 if line.contains("Listening") {

@@ -1,0 +1,516 @@
+//! The per-core loop, the same on every I/O backend: one core's listeners, connections and
+//! datagram sockets, the pump that moves its batches and completions, and the shutdown
+//! order. A backend ([`Runtime`]) supplies only sockets, tasks and timers; everything
+//! between the socket and the ring is the runtime-free code in `conn` and `shard`.
+
+use std::cell::{Cell, RefCell};
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use super::CoreSockets;
+use crate::config::{Config, InputKind};
+use crate::conn::{Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram};
+use crate::decode::forward::Scratch;
+use crate::decode::jsonl::JsonParser;
+use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
+use crate::metrics::Reporter;
+use crate::shard::{CoreSink, Phase, Shard};
+
+/// What an I/O backend gives the per-core loop: SO_REUSEPORT listeners, streams read and
+/// written by polling, datagram sockets, local tasks and timers. Every call happens on
+/// the core's own thread.
+pub trait Runtime: 'static {
+    type Listener: 'static;
+    type Stream: 'static;
+    type Datagram: 'static;
+    type Task: 'static;
+
+    /// A listener on `addr` that shares the port with the other cores' (SO_REUSEPORT).
+    fn listen(addr: SocketAddr) -> io::Result<Self::Listener>;
+    fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<Self::Stream>>;
+    /// Sets up an accepted stream (no Nagle) and says who the peer is.
+    fn prepare(s: &Self::Stream) -> Option<SocketAddr>;
+    fn poll_read(
+        s: &mut Self::Stream,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>>;
+    fn poll_write(
+        s: &mut Self::Stream,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>>;
+    fn flush(s: &mut Self::Stream) -> impl Future<Output = ()>;
+    fn datagram(s: socket2::Socket) -> io::Result<Self::Datagram>;
+    fn recv_from(
+        s: &Self::Datagram,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>>;
+    fn send_to(s: &Self::Datagram, buf: &[u8], to: SocketAddr) -> impl Future<Output = ()>;
+    /// Spawns a task whose handle cancels it.
+    fn spawn(f: impl Future<Output = ()> + 'static) -> Self::Task;
+    /// Spawns a task that runs until it ends, or until the core does.
+    fn spawn_detached(f: impl Future<Output = ()> + 'static);
+    /// Cancels a task and waits until it is gone (its sockets closed).
+    fn cancel(t: Self::Task) -> impl Future<Output = ()>;
+    fn sleep(d: Duration) -> impl Future<Output = ()>;
+    /// Lets the core's other tasks run if this one has had its share.
+    fn yield_if_needed() -> impl Future<Output = ()>;
+}
+
+/// Everything one core starts from.
+pub struct CoreCtx {
+    pub core: usize,
+    pub cfg: Arc<Config>,
+    pub sockets: CoreSockets,
+    pub rings: Vec<CoreSink>,
+    pub reporter: Reporter,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub ready: crossbeam_channel::Sender<Result<(), String>>,
+}
+
+type Shared = Rc<RefCell<Shard>>;
+
+/// Runs one core until shutdown has run its course.
+pub async fn run<R: Runtime>(ctx: CoreCtx) {
+    let CoreCtx {
+        core,
+        cfg,
+        sockets,
+        rings,
+        reporter,
+        mut shutdown,
+        ready,
+    } = ctx;
+    let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
+    let tasks = Tasks::default();
+    let mut inputs = Vec::new();
+    for (i, addr) in sockets.tcp {
+        let input = &cfg.inputs[i];
+        let listener = match R::listen(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "inputs.{}.address: core {core} cannot listen on {addr}: {e}",
+                    input.name
+                )));
+                return;
+            }
+        };
+        let limit = input.max_connections.div_ceil(cfg.engine.workers);
+        inputs.push(R::spawn(accept::<R>(
+            listener,
+            input.kind.clone(),
+            limit,
+            shard.clone(),
+            tasks.clone(),
+        )));
+    }
+    for (i, sock) in sockets.udp {
+        let sock = match R::datagram(sock) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "inputs.{}.address: core {core} cannot use its UDP socket: {e}",
+                    cfg.inputs[i].name
+                )));
+                return;
+            }
+        };
+        let source = match Proto::of(&cfg.inputs[i].kind) {
+            Proto::Json { source, .. } => Some(source),
+            Proto::Forward { .. } => None,
+        };
+        inputs.push(R::spawn(datagrams::<R>(sock, source, shard.clone())));
+    }
+    let report_every = cfg.engine.stats_interval.min(Duration::from_secs(1));
+    let pump = R::spawn(pump::<R>(
+        shard.clone(),
+        reporter.clone(),
+        Shard::tick(&cfg),
+        report_every,
+    ));
+    let _ = ready.send(Ok(()));
+
+    let _ = shutdown.wait_for(|stop| *stop).await;
+
+    // The documented order: stop accepting, read open connections for the input grace,
+    // seal everything, drain until the deadline, write the final acks, leave.
+    for t in inputs {
+        R::cancel(t).await;
+    }
+    let grace_end = Instant::now() + cfg.engine.input_grace;
+    while Instant::now() < grace_end && shard.borrow().connections() > 0 {
+        R::sleep(Duration::from_millis(10)).await;
+    }
+    shard.borrow_mut().set_phase(Phase::Draining);
+    shard.borrow_mut().seal_all();
+    let deadline = Instant::now() + cfg.engine.drain_timeout;
+    while Instant::now() < deadline && !shard.borrow().idle() {
+        R::sleep(Duration::from_millis(10)).await;
+    }
+    if !shard.borrow().idle() {
+        let (batches, chunks) = shard.borrow().unsettled();
+        tracing::warn!(
+            core,
+            batches,
+            chunks,
+            "Drain timeout reached with batches unsettled; their chunks are not acked, so clients that use acks send them again"
+        );
+    }
+    shard.borrow_mut().set_phase(Phase::Closing);
+    // Every connection now writes what acks it has and ends.
+    while tasks.0.get() > 0 {
+        R::sleep(Duration::from_millis(1)).await;
+    }
+    R::cancel(pump).await;
+    shard.borrow().report(&reporter);
+}
+
+/// Moves batches and completions, seals lingering batches, and reports counters.
+async fn pump<R: Runtime>(
+    shard: Shared,
+    reporter: Reporter,
+    tick: Duration,
+    report_every: Duration,
+) {
+    let mut next_report = Instant::now() + report_every;
+    loop {
+        // The pump does its work whenever a ring wakes it; the timer bounds linger.
+        futures_lite::future::or(
+            poll_fn(|cx| {
+                shard.borrow_mut().poll_pump(cx);
+                Poll::<()>::Pending
+            }),
+            R::sleep(tick),
+        )
+        .await;
+        let now = Instant::now();
+        shard.borrow_mut().seal_due(now);
+        if now >= next_report {
+            shard.borrow().report(&reporter);
+            next_report = now + report_every;
+        }
+    }
+}
+
+/// How an input's connections speak, fixed when its listener starts.
+enum Proto {
+    Forward {
+        max_frame: usize,
+        max_inflated: usize,
+    },
+    Json {
+        max_line: usize,
+        source: Rc<JsonSource>,
+    },
+}
+
+impl Proto {
+    fn of(kind: &InputKind) -> Proto {
+        match kind {
+            InputKind::Forward {
+                max_frame_bytes,
+                max_decompressed_bytes,
+                ..
+            } => Proto::Forward {
+                max_frame: *max_frame_bytes,
+                max_inflated: *max_decompressed_bytes,
+            },
+            InputKind::JsonLines {
+                max_line_bytes,
+                tag,
+                tag_key,
+                ..
+            } => Proto::Json {
+                max_line: *max_line_bytes,
+                source: Rc::new(JsonSource {
+                    tag: tag.clone(),
+                    tag_key: tag_key.clone(),
+                }),
+            },
+        }
+    }
+}
+
+/// Counts a core's connection tasks, so that shutdown can wait for them.
+#[derive(Clone, Default)]
+struct Tasks(Rc<Cell<usize>>);
+
+/// Held by a connection task; dropped when it ends or is cancelled.
+struct TaskGuard(Tasks);
+
+impl Tasks {
+    fn enter(&self) -> TaskGuard {
+        self.0.set(self.0.get() + 1);
+        TaskGuard(self.clone())
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        let n = &(self.0).0;
+        n.set(n.get() - 1);
+    }
+}
+
+async fn accept<R: Runtime>(
+    listener: R::Listener,
+    kind: InputKind,
+    limit: usize,
+    shard: Shared,
+    tasks: Tasks,
+) {
+    let proto = Proto::of(&kind);
+    let scratch = Rc::new(RefCell::new(Scratch::default()));
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let stream = match R::accept(&listener).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or similar: say so, back off, and go on.
+                shard.borrow_mut().accept_failed(&e);
+                R::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.get() >= limit {
+            shard.borrow_mut().refused_connection(limit);
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (shard, open, guard) = (shard.clone(), open.clone(), tasks.enter());
+        match &proto {
+            Proto::Forward {
+                max_frame,
+                max_inflated,
+            } => {
+                let conn = ForwardConn::new(*max_frame, *max_inflated, scratch.clone());
+                R::spawn_detached(async move {
+                    serve::<R, _>(stream, conn, &shard).await;
+                    open.set(open.get() - 1);
+                    drop(guard);
+                });
+            }
+            Proto::Json { max_line, source } => {
+                let conn = JsonConn::new(*max_line, source.clone());
+                R::spawn_detached(async move {
+                    serve::<R, _>(stream, conn, &shard).await;
+                    open.set(open.get() - 1);
+                    drop(guard);
+                });
+            }
+        }
+    }
+}
+
+/// What woke a connection.
+enum Wake {
+    Read(usize),
+    Unblocked,
+    Stop,
+    Failed(std::io::Error),
+}
+
+/// Serves one connection until the peer leaves, the input turns out broken, or shutdown.
+async fn serve<R: Runtime, C: Conn>(mut stream: R::Stream, mut conn: C, shard: &Shared) {
+    let link = conn.link().clone();
+    link.peer.set(R::prepare(&stream));
+    shard.borrow_mut().open_link(&link);
+    loop {
+        // Acks the peer does not read stop the processing that makes them, not only the
+        // reads: whatever brought the input in, unwritten acks stay within the bound.
+        let wake = if link.pending_acks() > MAX_PENDING_ACKS {
+            poll_fn(|cx| poll_drain_acks::<R>(cx, &mut stream, &link, shard)).await
+        } else {
+            let progress = conn.process(&mut shard.borrow_mut());
+            match progress {
+                Progress::Close(e) => {
+                    shard
+                        .borrow_mut()
+                        .refused(e, "Closing a connection", link.peer.get());
+                    break;
+                }
+                Progress::Yield => {
+                    R::yield_if_needed().await;
+                    continue;
+                }
+                Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(),
+                Progress::Read | Progress::Blocked => {}
+            }
+            let blocked = progress == Progress::Blocked;
+            poll_fn(|cx| poll_conn::<R, _>(cx, &mut stream, &mut conn, &link, shard, blocked)).await
+        };
+        match wake {
+            Wake::Read(0) => {
+                conn.finish(&mut shard.borrow_mut());
+                settle_acks::<R>(&mut stream, &link, shard).await;
+                break;
+            }
+            Wake::Read(n) => {
+                conn.filled(n);
+                shard.borrow_mut().counters.bytes_in += n as u64;
+            }
+            Wake::Unblocked => {}
+            Wake::Stop => {
+                // A frame paused half-way is given up (and not acked) before waiting on
+                // the acks of the rest.
+                conn.abandon(&mut shard.borrow_mut());
+                settle_acks::<R>(&mut stream, &link, shard).await;
+                break;
+            }
+            Wake::Failed(e) => {
+                tracing::debug!(error = %e, "Connection failed");
+                break;
+            }
+        }
+    }
+    let mut s = shard.borrow_mut();
+    conn.abandon(&mut s);
+    s.close_link(&link);
+}
+
+/// Writes pending acks, then waits for input, for the shard to unblock, or for shutdown.
+fn poll_conn<R: Runtime, C: Conn>(
+    cx: &mut Context<'_>,
+    stream: &mut R::Stream,
+    conn: &mut C,
+    link: &Rc<Link>,
+    shard: &Shared,
+    blocked: bool,
+) -> Poll<Wake> {
+    link.set_waker(cx.waker());
+    if let Err(e) = poll_write_acks::<R>(cx, stream, link) {
+        return Poll::Ready(Wake::Failed(e));
+    }
+    let mut s = shard.borrow_mut();
+    if s.phase != Phase::Running {
+        return Poll::Ready(Wake::Stop);
+    }
+    if s.blocked_for(link) {
+        s.park(link);
+        return Poll::Pending;
+    }
+    drop(s);
+    if blocked {
+        return Poll::Ready(Wake::Unblocked);
+    }
+    // A peer that does not read its acks stops being read; the pending write wakes us.
+    if link.pending_acks() > MAX_PENDING_ACKS {
+        return Poll::Pending;
+    }
+    match R::poll_read(stream, cx, conn.read_buf()) {
+        Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+        Poll::Ready(Err(e)) => Poll::Ready(Wake::Failed(e)),
+        Poll::Pending => {
+            // Neither backend keeps a hold on the buffer while it waits for readiness.
+            conn.idle();
+            Poll::Pending
+        }
+    }
+}
+
+/// Unwritten ack bytes at which a connection stops being read and processed.
+const MAX_PENDING_ACKS: usize = 64 << 10;
+
+/// Writes pending acks until they are back within the bound (`Unblocked`), or shutdown.
+fn poll_drain_acks<R: Runtime>(
+    cx: &mut Context<'_>,
+    stream: &mut R::Stream,
+    link: &Rc<Link>,
+    shard: &Shared,
+) -> Poll<Wake> {
+    link.set_waker(cx.waker());
+    if let Err(e) = poll_write_acks::<R>(cx, stream, link) {
+        return Poll::Ready(Wake::Failed(e));
+    }
+    if shard.borrow().phase != Phase::Running {
+        return Poll::Ready(Wake::Stop);
+    }
+    if link.pending_acks() > MAX_PENDING_ACKS {
+        return Poll::Pending;
+    }
+    Poll::Ready(Wake::Unblocked)
+}
+
+/// Writes as many pending ack bytes as the socket takes now.
+fn poll_write_acks<R: Runtime>(
+    cx: &mut Context<'_>,
+    stream: &mut R::Stream,
+    link: &Link,
+) -> std::io::Result<()> {
+    while link.has_acks() {
+        let r = link.write_acks(|b| match R::poll_write(stream, cx, b) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(0),
+        })?;
+        if r == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// After the peer's end of input or at shutdown: waits until every chunk of this
+/// connection is acked (or the core is out of time) and writes the acks.
+async fn settle_acks<R: Runtime>(stream: &mut R::Stream, link: &Rc<Link>, shard: &Shared) {
+    poll_fn(|cx| {
+        link.set_waker(cx.waker());
+        if poll_write_acks::<R>(cx, stream, link).is_err() {
+            return Poll::Ready(());
+        }
+        let settled = link.outstanding() == 0 && !link.has_acks();
+        if settled || shard.borrow().phase == Phase::Closing {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    })
+    .await;
+    R::flush(stream).await;
+}
+
+/// Reads one UDP socket: Forward heartbeats are answered; JSON lines are ingested, one
+/// or more per datagram. Stops reading while the shard is blocked (the kernel then drops
+/// datagrams, as UDP allows).
+async fn datagrams<R: Runtime>(sock: R::Datagram, source: Option<Rc<JsonSource>>, shard: Shared) {
+    let mut buf = vec![0u8; MAX_DATAGRAM + JSON_PADDING];
+    let mut parser = JsonParser::default();
+    let link = Rc::new(Link::default());
+    loop {
+        poll_fn(|cx| {
+            link.set_waker(cx.waker());
+            let mut s = shard.borrow_mut();
+            if s.blocked_for(&link) {
+                s.park(&link);
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        let (n, peer) = match R::recv_from(&sock, &mut buf[..MAX_DATAGRAM]).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "Receiving a datagram failed");
+                R::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match &source {
+            None => {
+                shard.borrow_mut().counters.heartbeats += 1;
+                R::send_to(&sock, HEARTBEAT_REPLY, peer).await;
+            }
+            Some(source) => {
+                let mut s = shard.borrow_mut();
+                s.counters.bytes_in += n as u64;
+                ingest_datagram(&mut s, &mut parser, &mut buf, n, source, peer);
+            }
+        }
+    }
+}
