@@ -1,6 +1,6 @@
 //! Connection state between reads: the read buffer, the decoder's place in it, and the
 //! [`Link`] through which the shard wakes a connection and hands it acks. The I/O loops
-//! (`accept::uring`) own the sockets; everything here is plain code over bytes, so the same
+//! (`accept::serve`) own the sockets; everything here is plain code over bytes, so the same
 //! logic serves every I/O backend and the tests.
 
 use std::cell::{Cell, RefCell};
@@ -9,7 +9,8 @@ use std::rc::Rc;
 use std::task::Waker;
 
 use crate::ack::Ticket;
-use crate::decode::forward::{Decoded, Decoder, Scratch};
+use crate::decode::forward::{Decoded, Decoder, Event, Scratch};
+use crate::decode::http::{Ingest, Payload, msgpack_records};
 use crate::decode::jsonl::{Framed, JsonParser, Lines, field_str};
 use crate::decode::{DecodeError, EventTime};
 use crate::limits::{JSON_PADDING, READ_CHUNK};
@@ -453,6 +454,36 @@ pub fn ingest_datagram(
         );
         start = end + 1;
     }
+}
+
+/// Routes the records of one HTTP request, all or none: every record is checked before
+/// any is taken. Returns how many there were.
+pub fn ingest_http(
+    shard: &mut Shard,
+    parser: &mut JsonParser,
+    req: &mut Ingest,
+) -> Result<usize, DecodeError> {
+    let time = req.time.unwrap_or_else(EventTime::now);
+    shard.counters.bytes_in += req.len() as u64;
+    let len = req.len();
+    let tag = &req.tag;
+    let taken = match req.payload {
+        Payload::Json => parser.parse_each(&mut req.records, len, |obj| {
+            shard.ingest_json(tag, time, obj);
+        }),
+        Payload::Msgpack => msgpack_records(&req.records).map(|records| {
+            let mut events = records.iter().map(|&record| Event { time, record });
+            // A held batch pauses a Forward frame; a request is taken whole, as a JSON
+            // line is, so its body (bounded by max_body_bytes) is the most it overshoots.
+            while let Ingested::Paused(_) = shard.ingest_msgpack(tag, events.by_ref(), None) {}
+            records.len()
+        }),
+    };
+    match taken {
+        Ok(_) => shard.counters.http_requests += 1,
+        Err(e) => shard.refused(e, "Refusing an HTTP request", None),
+    }
+    taken
 }
 
 /// Parses one line in place and hands its event to the shard, or counts why not.

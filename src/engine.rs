@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::accept::{self, epoll, serve, uring};
+use crate::accept::{self, epoll, http, serve, uring};
 use crate::budget::Budget;
 use crate::config::{Config, IoBackend};
 use crate::emit::{Emitter, Ports};
@@ -46,7 +46,17 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     if cfg.engine.io == IoBackend::Auto && io == IoBackend::Epoll {
         tracing::info!("{why}: using epoll");
     }
-    let bound = accept::bind(&cfg)?;
+    let mut bound = accept::bind(&cfg)?;
+    // The HTTP inputs answer from now on: `/ready` says "starting" until the cores run.
+    let status = Arc::new(http::Status::default());
+    let scrape = metrics::Scrape::new(io_name);
+    let http = match std::mem::take(&mut bound.http) {
+        l if l.is_empty() => None,
+        l => Some(
+            http::start(l, status.clone(), scrape.clone())
+                .map_err(|e| EngineError::Start(format!("cannot start the HTTP inputs: {e}")))?,
+        ),
+    };
     let cfg = Arc::new(cfg);
     let workers = cfg.engine.workers;
 
@@ -77,7 +87,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         .name("sluice-stats".into())
         .spawn({
             let budget = budget.clone();
-            move || metrics::collect(reports, workers, names, interval, &budget)
+            move || metrics::collect(reports, workers, names, interval, &budget, &scrape)
         })
         .map_err(|e| EngineError::Start(format!("cannot start the stats thread: {e}")))?;
     let (emitter, mut plans) = Emitter::start(&cfg, ports, reporter.clone(), budget.clone())
@@ -93,12 +103,15 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
 
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let stop = Arc::new(stop);
-    watch_signals(stop.clone())?;
+    watch_signals(stop.clone(), status.clone())?;
 
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut cores = Vec::new();
+    let mut http_jobs = Vec::new();
     for (core, (sockets, rings)) in bound.cores.into_iter().zip(core_rings).enumerate() {
+        let (jobs, jobs_rx) = tokio::sync::mpsc::channel(http::JOB_QUEUE);
+        http_jobs.push(jobs);
         let cpu = match cpus.get(core) {
             Some(&cpu) if cpus.len() >= workers => Some(cpu),
             _ => None,
@@ -111,6 +124,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
             reporter: reporter.clone(),
             shutdown: stop_rx.clone(),
             ready: ready_tx.clone(),
+            http: jobs_rx,
         };
         let handle = match io {
             IoBackend::Epoll => epoll::start(ctx, cpu),
@@ -136,10 +150,15 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         }
     }
     drop(bound.reservations);
+    if let Some(h) = &http {
+        let _ = h.cores.set(http_jobs);
+    }
+    status.set_ready();
     for (input, addr) in cfg.inputs.iter().zip(&bound.addrs) {
         let tcp = accept::uses_tcp(&input.kind);
         let udp = accept::uses_udp(&input.kind);
         let protocols = match (tcp, udp) {
+            _ if matches!(input.kind, crate::config::InputKind::Http { .. }) => "http",
             (true, true) => "tcp+udp",
             (true, false) => "tcp",
             _ => "udp",
@@ -153,6 +172,10 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
             tracing::error!(core, error = %e, "Core stopped with an error");
         }
     }
+    // The cores have drained: the HTTP inputs, which said "draining" meanwhile, close.
+    if let Some(h) = http {
+        h.stop();
+    }
     // The cores have settled what they could; give the sinks what is left of the drain.
     let deadline = Instant::now() + Duration::from_secs(1);
     if !emitter.join(deadline) {
@@ -165,7 +188,10 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
 }
 
 /// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
-fn watch_signals(stop: Arc<tokio::sync::watch::Sender<bool>>) -> Result<(), EngineError> {
+fn watch_signals(
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    status: Arc<http::Status>,
+) -> Result<(), EngineError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| EngineError::Start(format!("cannot install signal handlers: {e}")))?;
@@ -178,6 +204,7 @@ fn watch_signals(stop: Arc<tokio::sync::watch::Sender<bool>>) -> Result<(), Engi
                     signal = sig,
                     "Shutting down: draining inputs and sinks (signal again to exit at once)"
                 );
+                status.set_draining();
                 let _ = stop.send(true);
             }
             if let Some(sig) = forever.next() {

@@ -11,6 +11,9 @@ pub const FORWARD_PORT: u16 = 24224;
 /// <https://docs.fluentbit.io/manual/pipeline/inputs/tcp>
 pub const JSON_LINES_PORT: u16 = 5170;
 
+/// Fluentd's `in_http` default port.
+pub const HTTP_PORT: u16 = 9880;
+
 /// The EventTime ext type: 8 bytes, big-endian u32 seconds then u32 nanoseconds.
 /// <https://github.com/fluent/fluentd/wiki/Forward-Protocol-Specification-v1#eventtime-ext-format>
 pub const EVENT_TIME_EXT: i8 = 0;

@@ -131,6 +131,7 @@ fn validate(file: &PathBuf) -> anyhow::Result<()> {
     for i in &cfg.inputs {
         let what = match &i.kind {
             InputKind::Forward { .. } => "forward".to_string(),
+            InputKind::Http { .. } => "http".to_string(),
             InputKind::JsonLines { tcp, udp, .. } => {
                 format!(
                     "json_lines over {}",

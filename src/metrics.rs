@@ -1,8 +1,17 @@
 //! Counters: plain integers owned by each core and each sink task, sent as snapshots to
-//! one collector thread that merges them and logs the totals at an interval (a metrics
-//! endpoint will read the same merged totals). Nothing on the hot path is shared.
+//! one collector thread that merges them and logs the totals at an interval. `/metrics`
+//! renders the same merged totals in the Prometheus (OpenMetrics) text format. Nothing on
+//! the hot path is shared.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
@@ -50,6 +59,8 @@ counters!(
         events_oversize,
         /// Events whose partition key field was missing or unusable (a random key was used).
         partition_key_missing,
+        /// HTTP ingest requests whose records were routed.
+        http_requests,
     }
 );
 
@@ -155,14 +166,211 @@ impl Totals {
     }
 }
 
+/// The latest merged totals, for `/metrics`.
+#[derive(Clone, Debug)]
+pub struct Scrape {
+    latest: Arc<Mutex<Totals>>,
+    /// The I/O backend the cores run on.
+    io: &'static str,
+}
+
+impl Scrape {
+    pub fn new(io: &'static str) -> Self {
+        Scrape {
+            latest: Arc::default(),
+            io,
+        }
+    }
+
+    fn set(&self, t: Totals) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+
+    /// The totals in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Help for the input counters, by field.
+fn core_help(field: &str) -> &'static str {
+    match field {
+        "events_in" => "Events decoded and handed to routing",
+        "bytes_in" => "Bytes read from inputs",
+        "frames_in" => "Forward frames read",
+        "events_unmatched" => "Events no route matched",
+        "missing_log_key" => "Events of text routes without their log_key field",
+        "connections_opened" => "Connections accepted",
+        "connections_closed" => "Connections ended",
+        "connections_refused" => "Connections refused at max_connections",
+        "acks_sent" => "Forward acks written",
+        "heartbeats" => "Forward UDP heartbeats answered",
+        "backpressure_waits" => "Times a connection waited for its core's batches",
+        "events_oversize" => "Events larger than their sink's record limit",
+        "partition_key_missing" => "Events whose partition key field was missing",
+        "http_requests" => "HTTP ingest requests whose records were routed",
+        _ => "",
+    }
+}
+
+fn sink_help(field: &str) -> &'static str {
+    match field {
+        "batches" => "Batches sent",
+        "events" => "Events sent",
+        "bytes" => "Bytes sent",
+        "write_errors" => "Local sinks: writes that failed",
+        "records" => "AWS sinks: records the service accepted",
+        "requests" => "AWS sinks: requests made",
+        "retries" => "Records sent again",
+        "throttles" => "Answers that said to slow down",
+        "failed" => "Records the service failed",
+        "dead_lettered" => "Records written to the dead-letter directory",
+        "fallback" => "Records set down in the route's fallback sink",
+        "concurrency" => "The AIMD limit of requests in flight",
+        "shard_refreshes" => "Times the stream's shards were listed again",
+        "shard_cuts" => "Times a shard's rate was cut after a throttle",
+        _ => "",
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(v as i64);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// One family with a value per label set.
+fn family<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    rows: impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, ty)?;
+    for (labels, v) in rows {
+        let m = m.encode_family(&labels)?;
+        match ty {
+            MetricType::Counter => ConstCounter::new(v).encode(m)?,
+            _ => ConstGauge::new(v as i64).encode(m)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let t = self
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (k, v) in t.core.fields() {
+            counter(&mut e, &format!("sluice_{k}"), core_help(k), v)?;
+        }
+        let open = t
+            .core
+            .connections_opened
+            .saturating_sub(t.core.connections_closed);
+        gauge(
+            &mut e,
+            "sluice_connections_open",
+            "Connections open now",
+            open,
+        )?;
+        family(
+            &mut e,
+            "sluice_input_errors",
+            "Input refused, by kind",
+            MetricType::Counter,
+            t.errors
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (vec![("kind", DecodeError::NAMES[i])], *n)),
+        )?;
+        let [used, peak, limit] = t.memory;
+        gauge(
+            &mut e,
+            "sluice_memory_used_bytes",
+            "Memory budget charged now",
+            used,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_memory_peak_bytes",
+            "Most memory budget ever charged",
+            peak,
+        )?;
+        gauge(
+            &mut e,
+            "sluice_memory_limit_bytes",
+            "engine.memory_limit",
+            limit,
+        )?;
+        family(
+            &mut e,
+            "sluice_io_backend",
+            "The I/O backend the cores run on",
+            MetricType::Gauge,
+            std::iter::once((vec![("backend", self.io)], 1)),
+        )?;
+        let fields: Vec<&'static str> = SinkCounters::default().fields().map(|(k, _)| k).collect();
+        for (i, k) in fields.iter().enumerate() {
+            let ty = match *k {
+                "concurrency" => MetricType::Gauge,
+                _ => MetricType::Counter,
+            };
+            let rows = t.sinks.iter().map(|s| {
+                let v = s.counters.fields().nth(i).map_or(0, |(_, v)| v);
+                (vec![("sink", s.name.as_str())], v)
+            });
+            family(&mut e, &format!("sluice_sink_{k}"), sink_help(k), ty, rows)?;
+        }
+        family(
+            &mut e,
+            "sluice_sink_failed_by_code",
+            "Records the service failed, by error code",
+            MetricType::Counter,
+            t.sinks.iter().flat_map(|s| {
+                s.detail.iter().filter_map(|(k, v)| {
+                    let code = k.strip_prefix("failed.")?;
+                    Some((vec![("sink", s.name.as_str()), ("code", code)], *v))
+                })
+            }),
+        )?;
+        family(
+            &mut e,
+            "sluice_sink_shard_rate",
+            "Records a second allowed to a shard slowed below the full rate",
+            MetricType::Gauge,
+            t.sinks.iter().flat_map(|s| {
+                s.detail.iter().filter_map(|(k, v)| {
+                    let shard = k.strip_prefix("shard.")?.strip_suffix(".rate")?;
+                    Some((vec![("sink", s.name.as_str()), ("shard", shard)], *v))
+                })
+            }),
+        )?;
+        Ok(())
+    }
+}
+
 /// Merges reports and logs the totals every `interval`, and once more when every sender
-/// is gone. Returns the final totals.
+/// is gone; `scrape` always holds the latest. Returns the final totals.
 pub fn collect(
     rx: Receiver<Report>,
     cores: usize,
     sink_names: Vec<String>,
     interval: Duration,
     budget: &Budget,
+    scrape: &Scrape,
 ) -> Totals {
     let mut per_core = vec![(CoreCounters::default(), [0u64; DecodeError::NAMES.len()]); cores];
     let mut per_sink = vec![(SinkCounters::default(), Vec::new()); sink_names.len()];
@@ -197,12 +405,18 @@ pub fn collect(
                 core,
                 counters,
                 errors,
-            }) => per_core[core] = (counters, errors),
+            }) => {
+                per_core[core] = (counters, errors);
+                scrape.set(totals(&per_core, &per_sink));
+            }
             Ok(Report::Sink {
                 sink,
                 counters,
                 detail,
-            }) => per_sink[sink] = (counters, detail),
+            }) => {
+                per_sink[sink] = (counters, detail);
+                scrape.set(totals(&per_core, &per_sink));
+            }
             Err(RecvTimeoutError::Timeout) => {
                 tracing::info!(target: "sluice::stats", "Stats {}", totals(&per_core, &per_sink).line());
                 next += interval;

@@ -15,7 +15,7 @@ use crate::batch::{Batch, Batcher};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::conn::Link;
-use crate::decode::forward::{Events, Frame};
+use crate::decode::forward::{Event, Events, Frame};
 use crate::decode::jsonl::Object;
 use crate::decode::{DecodeError, EventTime};
 use crate::metrics::{CoreCounters, ErrorCounts, Report, Reporter};
@@ -168,7 +168,17 @@ impl Shard {
         events: Events<'_>,
         ticket: Option<Ticket>,
     ) -> Ingested {
-        let tag = frame.tag;
+        self.ingest_msgpack(frame.tag, events, ticket)
+    }
+
+    /// Routes msgpack events (a Forward frame's, an HTTP request's) and encodes them into
+    /// their sinks' batches, as [`Shard::ingest_forward`].
+    pub fn ingest_msgpack<'a>(
+        &mut self,
+        tag: &str,
+        events: impl Iterator<Item = Event<'a>>,
+        ticket: Option<Ticket>,
+    ) -> Ingested {
         let Some(r) = self.router.route(tag) else {
             let n = events.count() as u64;
             self.counters.events_in += n;

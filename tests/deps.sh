@@ -2,8 +2,9 @@
 # Installs what the integration tests need into <cargo target dir>/test-deps, and nothing
 # outside it except two Debian packages:
 #   - a Python venv with fluent-logger (the Python client), moto[server] (an AWS emulator
-#     for Kinesis, Firehose and S3), and boto3, aws-kinesis-agg and zstandard (to create
-#     and read streams, deaggregating with AWS's own library);
+#     for Kinesis, Firehose and S3), boto3, aws-kinesis-agg and zstandard (to create
+#     and read streams, deaggregating with AWS's own library), and prometheus-client (whose
+#     parser reads /metrics);
 #   - kinesis-local from npm, a second, independent Kinesis emulator;
 #   - golang-go and golang-github-fluent-fluent-logger-golang-dev (Debian), built offline
 #     into the Go client the Docker fluentd log driver uses.
@@ -29,11 +30,12 @@ if [ ${#need[@]} -gt 0 ]; then
     { $sudo apt-get update -q && $sudo apt-get install -y -q --no-install-recommends "${need[@]}"; }
 fi
 
-if ! "$deps/venv/bin/python" -c 'import fluent, moto, boto3, aws_kinesis_agg, zstandard' >/dev/null 2>&1; then
-  echo "deps: creating the Python venv (fluent-logger, moto, boto3, aws-kinesis-agg, zstandard)"
+if ! "$deps/venv/bin/python" -c 'import fluent, moto, boto3, aws_kinesis_agg, zstandard, prometheus_client' >/dev/null 2>&1; then
+  echo "deps: creating the Python venv (fluent-logger, moto, boto3, aws-kinesis-agg, zstandard, prometheus-client)"
   python3 -m venv "$deps/venv"
   "$deps/venv/bin/pip" install -q --disable-pip-version-check \
-    'fluent-logger==0.11.1' 'moto[server]==5.2.5' 'aws-kinesis-agg==1.2.3' 'zstandard==0.25.0'
+    'fluent-logger==0.11.1' 'moto[server]==5.2.5' 'aws-kinesis-agg==1.2.3' 'zstandard==0.25.0' \
+    'prometheus-client==0.21.1'
 fi
 
 if [ ! -f "$deps/node/node_modules/kinesis-local/main.js" ]; then

@@ -7,6 +7,7 @@
 //! any core starts), and is dropped once the cores have bound their own.
 
 pub mod epoll;
+pub mod http;
 pub mod serve;
 pub mod uring;
 
@@ -34,6 +35,8 @@ pub struct Bound {
     pub cores: Vec<CoreSockets>,
     /// Held until every core has bound its listeners.
     pub reservations: Vec<Socket>,
+    /// The HTTP inputs' listeners, served by one thread of their own.
+    pub http: Vec<http::Listener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,7 @@ pub fn uses_tcp(kind: &InputKind) -> bool {
     match kind {
         InputKind::Forward { .. } => true,
         InputKind::JsonLines { tcp, .. } => *tcp,
+        InputKind::Http { .. } => false,
     }
 }
 
@@ -66,6 +70,7 @@ pub fn uses_udp(kind: &InputKind) -> bool {
     match kind {
         InputKind::Forward { heartbeat, .. } => *heartbeat,
         InputKind::JsonLines { udp, .. } => *udp,
+        InputKind::Http { .. } => false,
     }
 }
 
@@ -81,6 +86,7 @@ pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
             })
             .collect(),
         reservations: Vec::new(),
+        http: Vec::new(),
     };
     for (i, input) in cfg.inputs.iter().enumerate() {
         let fail = |addr, proto, source| BindError {
@@ -90,6 +96,28 @@ pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
             source,
         };
         let mut addr = input.address;
+        if let InputKind::Http { max_body_bytes } = input.kind {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                .and_then(|s| {
+                    s.set_reuse_address(true)?;
+                    if addr.is_ipv6() {
+                        s.set_only_v6(true)?;
+                    }
+                    s.bind(&addr.into())?;
+                    s.listen(1024)?;
+                    Ok(s)
+                })
+                .map_err(|e| fail(addr, "TCP", e))?;
+            if let Some(a) = s.local_addr().ok().and_then(|a| a.as_socket()) {
+                addr = a;
+            }
+            bound.http.push(http::Listener {
+                input: input.name.clone(),
+                socket: s.into(),
+                max_body: max_body_bytes,
+                max_connections: input.max_connections,
+            });
+        }
         if uses_tcp(&input.kind) {
             let r = socket(addr, Type::STREAM, Protocol::TCP).map_err(|e| fail(addr, "TCP", e))?;
             addr = r

@@ -13,8 +13,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use super::CoreSockets;
+use super::http::Job;
 use crate::config::{Config, InputKind};
-use crate::conn::{Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram};
+use crate::conn::{
+    Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram, ingest_http,
+};
 use crate::decode::forward::Scratch;
 use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
@@ -72,6 +75,8 @@ pub struct CoreCtx {
     pub reporter: Reporter,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub ready: crossbeam_channel::Sender<Result<(), String>>,
+    /// Requests of the HTTP inputs, for this core to route.
+    pub http: tokio::sync::mpsc::Receiver<Job>,
 }
 
 type Shared = Rc<RefCell<Shard>>;
@@ -86,6 +91,7 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         reporter,
         mut shutdown,
         ready,
+        http,
     } = ctx;
     let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
     let tasks = Tasks::default();
@@ -128,6 +134,7 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         };
         inputs.push(R::spawn(datagrams::<R>(sock, source, shard.clone())));
     }
+    inputs.push(R::spawn(http_jobs(http, shard.clone())));
     let report_every = cfg.engine.stats_interval.min(Duration::from_secs(1));
     let pump = R::spawn(pump::<R>(
         shard.clone(),
@@ -234,6 +241,8 @@ impl Proto {
                     tag_key: tag_key.clone(),
                 }),
             },
+            // `accept::bind` gives HTTP inputs to the HTTP thread, never to a core.
+            InputKind::Http { .. } => unreachable!("an HTTP input on a core"),
         }
     }
 }
@@ -482,17 +491,7 @@ async fn datagrams<R: Runtime>(sock: R::Datagram, source: Option<Rc<JsonSource>>
     let mut parser = JsonParser::default();
     let link = Rc::new(Link::default());
     loop {
-        poll_fn(|cx| {
-            link.set_waker(cx.waker());
-            let mut s = shard.borrow_mut();
-            if s.blocked_for(&link) {
-                s.park(&link);
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
+        unblocked(&link, &shard).await;
         let (n, peer) = match R::recv_from(&sock, &mut buf[..MAX_DATAGRAM]).await {
             Ok(r) => r,
             Err(e) => {
@@ -512,5 +511,32 @@ async fn datagrams<R: Runtime>(sock: R::Datagram, source: Option<Rc<JsonSource>>
                 ingest_datagram(&mut s, &mut parser, &mut buf, n, source, peer);
             }
         }
+    }
+}
+
+/// Waits until the shard takes input from `link` again.
+async fn unblocked(link: &Rc<Link>, shard: &Shared) {
+    poll_fn(|cx| {
+        link.set_waker(cx.waker());
+        let mut s = shard.borrow_mut();
+        if s.blocked_for(link) {
+            s.park(link);
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+}
+
+/// Routes the HTTP inputs' requests that the HTTP thread hands this core, one at a time,
+/// waiting while the shard is blocked (the HTTP thread, and its client, wait with it).
+async fn http_jobs(mut jobs: tokio::sync::mpsc::Receiver<Job>, shard: Shared) {
+    let mut parser = JsonParser::default();
+    let link = Rc::new(Link::default());
+    while let Some(mut job) = jobs.recv().await {
+        unblocked(&link, &shard).await;
+        let r = ingest_http(&mut shard.borrow_mut(), &mut parser, &mut job.ingest);
+        let _ = job.reply.send(r);
     }
 }

@@ -85,6 +85,14 @@ struct JsonLinesFile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct HttpFile {
+    address: Option<String>,
+    max_body_bytes: Option<Size>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StdoutFile {
     batch_bytes: Option<Size>,
     linger: Option<Dur>,
@@ -311,6 +319,8 @@ pub enum InputKind {
         tag_key: Option<String>,
         max_line_bytes: usize,
     },
+    /// Fluentd `in_http` ingest, with `/health`, `/ready` and `/metrics`.
+    Http { max_body_bytes: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -780,11 +790,28 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                     name,
                 }
             }
+            "http" => {
+                let f: HttpFile = typed(&key, table)?;
+                Input {
+                    address: address(&key, f.address, crate::limits::HTTP_PORT)?,
+                    max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    kind: InputKind::Http {
+                        max_body_bytes: bounded(
+                            &format!("{key}.max_body_bytes"),
+                            f.max_body_bytes,
+                            8 << 20,
+                            64,
+                            MAX_FRAME_CEILING as u64,
+                        )?,
+                    },
+                    name,
+                }
+            }
             other => {
                 return Err(err(
                     format!("{key}.type"),
                     format!(
-                        "unknown input type {other:?}; the input types are \"forward\" and \"json_lines\""
+                        "unknown input type {other:?}; the input types are \"forward\", \"json_lines\" and \"http\""
                     ),
                 ));
             }

@@ -136,13 +136,58 @@ impl JsonParser {
         if buf[..len].iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(None);
         }
+        self.with_tape(buf, len, |tape| match tape.first() {
+            Some(Node::Object { .. }) => Ok(Some(f(tape))),
+            _ => Err(DecodeError::NotAnObject),
+        })
+    }
+
+    /// Parses `buf[..len]` as one JSON object or an array of objects (an HTTP body) and
+    /// hands each object to `f`, once all are known to be objects. Returns how many.
+    pub fn parse_each<'a>(
+        &mut self,
+        buf: &'a mut [u8],
+        len: usize,
+        mut f: impl FnMut(Object<'_, 'a>),
+    ) -> Result<usize, DecodeError> {
+        debug_assert!(buf.len() >= len + JSON_PADDING);
+        self.with_tape(buf, len, |tape| match tape.first() {
+            Some(Node::Object { .. }) => {
+                f(tape);
+                Ok(1)
+            }
+            Some(Node::Array { len, .. }) => {
+                let mut pos = 1;
+                for _ in 0..*len {
+                    match tape.get(pos) {
+                        Some(n @ Node::Object { .. }) => pos += node_span(n),
+                        _ => return Err(DecodeError::NotAnObject),
+                    }
+                }
+                let mut pos = 1;
+                for _ in 0..*len {
+                    let end = pos + node_span(&tape[pos]);
+                    f(&tape[pos..end]);
+                    pos = end;
+                }
+                Ok(*len)
+            }
+            _ => Err(DecodeError::NotAnObject),
+        })
+    }
+
+    fn with_tape<'a, R>(
+        &mut self,
+        buf: &'a mut [u8],
+        len: usize,
+        f: impl FnOnce(&[Node<'a>]) -> Result<R, DecodeError>,
+    ) -> Result<R, DecodeError> {
         let mut tape: Tape<'a> = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
         let parsed = simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape);
-        let out = match (parsed, tape.0.first()) {
-            (Ok(()), Some(Node::Object { .. })) => Ok(Some(f(&tape.0))),
-            (Ok(()), _) => Err(DecodeError::NotAnObject),
-            (Err(e), _) if is_depth_error(&e) => Err(DecodeError::TooDeep),
-            (Err(_), _) => Err(DecodeError::InvalidJson),
+        let out = match parsed {
+            Ok(()) => f(&tape.0),
+            Err(e) if is_depth_error(&e) => Err(DecodeError::TooDeep),
+            Err(_) => Err(DecodeError::InvalidJson),
         };
         self.tape = tape.reset();
         out

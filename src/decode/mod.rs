@@ -5,6 +5,7 @@
 //! loop, tests, fuzz targets and benchmarks.
 
 pub mod forward;
+pub mod http;
 pub mod jsonl;
 pub mod msgpack;
 
@@ -92,11 +93,13 @@ pub enum DecodeError {
     NotAnObject,
     #[error("line is longer than max_line_bytes ({0} bytes)")]
     LineTooLong(usize),
+    #[error("bytes follow the records")]
+    Trailing,
 }
 
 impl DecodeError {
     /// Counter names, indexed by [`DecodeError::index`].
-    pub const NAMES: [&'static str; 22] = [
+    pub const NAMES: [&'static str; 23] = [
         "not_a_frame",
         "truncated",
         "reserved_marker",
@@ -119,6 +122,7 @@ impl DecodeError {
         "not_an_object",
         "line_too_long",
         "tag_too_long",
+        "trailing",
     ];
 
     pub fn index(&self) -> usize {
@@ -145,6 +149,7 @@ impl DecodeError {
             DecodeError::NotAnObject => 19,
             DecodeError::LineTooLong(_) => 20,
             DecodeError::TagTooLong => 21,
+            DecodeError::Trailing => 22,
         }
     }
 

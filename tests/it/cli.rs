@@ -114,6 +114,14 @@ fn fargate_example_validates_and_runs_against_moto() {
         },
     );
     assert_eq!(s.addr("forward").port(), 24224);
+    assert_eq!(s.addr("http").port(), 8888);
+    // The container health check the seed's Fluentd used, exactly.
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg("http://localhost:8888/healthcheck?json=%7B%22log%22%3A+%22health+check%22%7D")
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{}", text(&o));
     let fwd = s.addr("forward");
     std::thread::scope(|scope| {
         for (tag, n) in [
@@ -137,8 +145,10 @@ fn fargate_example_validates_and_runs_against_moto() {
     let (status, logs) = s.stop();
     assert!(status.success(), "{status}\n{}", logs.join("\n"));
     let last = logs.iter().find(|l| l.contains("Final stats")).unwrap();
+    // The health check's event went to `drop` with the Forward health events, nowhere else.
     for want in [
-        "sink.drop.events=50",
+        "http_requests=1",
+        "sink.drop.events=51",
         "sink.elasticsearch.events=300",
         "sink.s3.events=200",
     ] {

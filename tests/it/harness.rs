@@ -58,6 +58,8 @@ pub struct Opts {
     pub pipe_stdout: bool,
     /// More environment for the process.
     pub env: Vec<(&'static str, String)>,
+    /// Return once the process has started, not once it is ready.
+    pub no_wait: bool,
 }
 
 impl Sluice {
@@ -125,7 +127,15 @@ impl Sluice {
             addrs: HashMap::new(),
             stdout,
         };
-        let ready = s.wait_log("ready", |l| l.contains("Sluice is ready"));
+        if !opts.no_wait {
+            s.until_ready();
+        }
+        s
+    }
+
+    /// Waits until sluice says it is ready, and notes where its inputs listen.
+    pub fn until_ready(&mut self) {
+        let ready = self.wait_log("ready", |l| l.contains("Sluice is ready"));
         // tests/run.sh's second run: the backend chosen must be the one expected.
         if let Ok(io) = std::env::var("SLUICE_EXPECT_IO") {
             assert!(
@@ -134,14 +144,13 @@ impl Sluice {
                 "expected the {io} backend: {ready}"
             );
         }
-        for line in s.logs() {
+        for line in self.logs() {
             if let (Some(i), Some(a)) = (field(&line, "input"), field(&line, "address")) {
                 if line.contains("Listening") {
-                    s.addrs.insert(i, a.parse().unwrap());
+                    self.addrs.insert(i, a.parse().unwrap());
                 }
             }
         }
-        s
     }
 
     /// The address an input listens on.
@@ -234,8 +243,13 @@ impl Sluice {
     }
 
     /// Sends SIGTERM and waits for the exit.
-    pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
+    pub fn stop(self) -> (ExitStatus, Vec<String>) {
         signal(self.pid(), "TERM");
+        self.wait_exit()
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn wait_exit(mut self) -> (ExitStatus, Vec<String>) {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
