@@ -22,7 +22,8 @@
 //!   cargo bench --bench loadgen -- [--sink null] [--connections 4] [--seconds 10]
 //!       [--warmup 2] [--events-per-frame 1000] [--event-bytes 200] [--window 8]
 //!       [--workers N] [--shards 2048] [--gib X] [--tls] [--throttle P] [--capacity]
-//!       [--sluice PATH] [--sink-option 'KEY = VALUE'] [--addr HOST:PORT --pid PID]
+//!       [--sluice PATH] [--sink-option 'KEY = VALUE'] [--io uring|epoll]
+//!       [--addr HOST:PORT --pid PID]
 //!
 //! `--sluice` starts another build of sluice than this one, to compare two builds in one
 //! session.
@@ -50,6 +51,8 @@ struct Args {
     event_bytes: usize,
     window: usize,
     workers: Option<usize>,
+    /// `engine.io` for the sluice this starts (its default, `auto`, if not given).
+    io: Option<String>,
     shards: usize,
     gib: Option<f64>,
     tls: bool,
@@ -74,6 +77,7 @@ fn runs() -> Vec<Args> {
         event_bytes: 200,
         window: 8,
         workers: None,
+        io: None,
         shards: 2048,
         gib: None,
         tls: false,
@@ -98,6 +102,7 @@ fn runs() -> Vec<Args> {
             "--event-bytes" => a.event_bytes = v().parse().unwrap(),
             "--window" => a.window = v().parse().unwrap(),
             "--workers" => a.workers = Some(v().parse().unwrap()),
+            "--io" => a.io = Some(v()),
             "--shards" => a.shards = v().parse().unwrap(),
             "--gib" => a.gib = Some(v().parse().unwrap()),
             "--tls" => a.tls = true,
@@ -287,10 +292,13 @@ fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
     let dir = scratch();
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("sluice.toml");
-    let workers = a
+    let mut workers = a
         .workers
         .map(|w| format!("workers = {w}\n"))
         .unwrap_or_default();
+    if let Some(io) = &a.io {
+        workers.push_str(&format!("io = {io:?}\n"));
+    }
     let mut sink = sink_config(&a.sink, fake);
     for o in &a.sink_options {
         sink.push('\n');
