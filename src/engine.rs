@@ -81,7 +81,17 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     }
 
     let (reporter, reports) = crossbeam_channel::unbounded();
-    let names = cfg.sinks.iter().map(|s| s.name.clone()).collect();
+    let names = cfg
+        .sinks
+        .iter()
+        .map(|s| {
+            let aws = matches!(
+                s.kind,
+                crate::config::SinkKind::Kinesis(_) | crate::config::SinkKind::Firehose(_)
+            );
+            (s.name.clone(), aws)
+        })
+        .collect();
     let interval = cfg.engine.stats_interval;
     let stats = std::thread::Builder::new()
         .name("sluice-stats".into())

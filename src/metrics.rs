@@ -91,6 +91,18 @@ counters!(
     }
 );
 
+impl SinkCounters {
+    /// Whether a counter means anything for a sink of this kind: local sinks (stdout,
+    /// file, null) write batches; only AWS sinks make requests.
+    pub fn applies(field: &str, aws: bool) -> bool {
+        match field {
+            "batches" | "events" | "bytes" => true,
+            "write_errors" => !aws,
+            _ => aws,
+        }
+    }
+}
+
 /// Decode errors by kind, indexed by [`DecodeError::index`].
 pub type ErrorCounts = [u64; DecodeError::NAMES.len()];
 
@@ -126,6 +138,8 @@ pub struct Totals {
 #[derive(Clone, Debug, Default)]
 pub struct SinkTotal {
     pub name: String,
+    /// A Kinesis or Firehose sink: it has requests, retries and the rest.
+    pub aws: bool,
     pub counters: SinkCounters,
     pub detail: Vec<(String, u64)>,
 }
@@ -150,11 +164,15 @@ impl Totals {
         }
         for SinkTotal {
             name,
+            aws,
             counters,
             detail,
         } in &self.sinks
         {
-            for (k, v) in counters.fields() {
+            for (k, v) in counters
+                .fields()
+                .filter(|(k, _)| SinkCounters::applies(k, *aws))
+            {
                 let _ = write!(s, "sink.{name}.{k}={v} ");
             }
             for (k, v) in detail {
@@ -328,10 +346,14 @@ impl Collector for Scrape {
                 "concurrency" => MetricType::Gauge,
                 _ => MetricType::Counter,
             };
-            let rows = t.sinks.iter().map(|s| {
-                let v = s.counters.fields().nth(i).map_or(0, |(_, v)| v);
-                (vec![("sink", s.name.as_str())], v)
-            });
+            let rows = t
+                .sinks
+                .iter()
+                .filter(|s| SinkCounters::applies(k, s.aws))
+                .map(|s| {
+                    let v = s.counters.fields().nth(i).map_or(0, |(_, v)| v);
+                    (vec![("sink", s.name.as_str())], v)
+                });
             family(&mut e, &format!("sluice_sink_{k}"), sink_help(k), ty, rows)?;
         }
         family(
@@ -367,7 +389,7 @@ impl Collector for Scrape {
 pub fn collect(
     rx: Receiver<Report>,
     cores: usize,
-    sink_names: Vec<String>,
+    sink_names: Vec<(String, bool)>,
     interval: Duration,
     budget: &Budget,
     scrape: &Scrape,
@@ -389,8 +411,9 @@ pub fn collect(
         t.sinks = sink_names
             .iter()
             .zip(per_sink)
-            .map(|(n, (c, d))| SinkTotal {
+            .map(|((n, aws), (c, d))| SinkTotal {
                 name: n.clone(),
+                aws: *aws,
                 counters: *c,
                 detail: d.clone(),
             })

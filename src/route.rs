@@ -102,6 +102,30 @@ impl Pattern {
         }
     }
 
+    /// Refuses what would compile to something the writer did not mean: a `{` left open
+    /// (Fluentd closes it silently at the end), or a `}` with no `{`.
+    pub fn check(pat: &str) -> Result<(), String> {
+        let (mut depth, mut escape) = (0usize, false);
+        for c in pat.bytes() {
+            match c {
+                _ if escape => escape = false,
+                b'\\' => escape = true,
+                b'{' => depth += 1,
+                b'}' if depth == 0 => {
+                    return Err(format!(
+                        "pattern {pat:?} has a `}}` with no `{{` (escape it as `\\}}`)"
+                    ));
+                }
+                b'}' => depth -= 1,
+                _ => {}
+            }
+        }
+        match depth {
+            0 => Ok(()),
+            _ => Err(format!("pattern {pat:?} leaves a `{{` unclosed")),
+        }
+    }
+
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -190,10 +214,10 @@ impl Router {
     #[inline]
     pub fn route(&mut self, tag: &str) -> Option<usize> {
         // Consecutive events from one container share their tag.
-        if let Some(r) = self.last {
-            if self.last_tag == tag {
-                return r;
-            }
+        if let Some(r) = self.last
+            && self.last_tag == tag
+        {
+            return r;
         }
         let r = match self.cache.get(tag) {
             Some(r) => *r,
@@ -223,6 +247,14 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unbalanced_braces_are_refused() {
+        assert!(Pattern::check("a.{b,c}").is_ok());
+        assert!(Pattern::check("a.\\{b").is_ok());
+        assert!(Pattern::check("a.{b,c").unwrap_err().contains("unclosed"));
+        assert!(Pattern::check("a.b}").unwrap_err().contains("no `{`"));
+    }
 
     fn m(p: &str, tag: &str) -> bool {
         Pattern::new(p).matches(tag)

@@ -40,12 +40,13 @@ pub struct Bound {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("inputs.{input}.address: cannot bind {addr} ({proto}): {source}")]
+// `cause` is in the message, so it is not also a `source` (which would print it twice).
+#[error("inputs.{input}.address: cannot bind {addr} ({proto}): {cause}")]
 pub struct BindError {
     input: String,
     addr: SocketAddr,
     proto: &'static str,
-    source: std::io::Error,
+    cause: std::io::Error,
 }
 
 fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
@@ -89,11 +90,11 @@ pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
         http: Vec::new(),
     };
     for (i, input) in cfg.inputs.iter().enumerate() {
-        let fail = |addr, proto, source| BindError {
+        let fail = |addr, proto, cause| BindError {
             input: input.name.clone(),
             addr,
             proto,
-            source,
+            cause,
         };
         let mut addr = input.address;
         if let InputKind::Http { max_body_bytes } = input.kind {

@@ -8,7 +8,7 @@
 //! than a record is kept apart, never truncated, for the dead-letter directory.
 //!
 //! When the ring is full the sealed batch is held here, the shard reports itself blocked,
-//! and its connections stop reading until the emitter makes room (DESIGN.md invariant 5).
+//! and its connections stop reading until the emitter makes room (ARCHITECTURE.md, rule 6).
 //! Settled batches come back through the completion ring and their buffers are reused, so
 //! the steady state allocates nothing.
 
@@ -774,10 +774,10 @@ impl Batcher {
 
     /// Seals the open batch if it has lingered long enough.
     pub fn seal_if_due(&mut self, now: Instant) {
-        if let Some(t) = self.opened_at {
-            if now.duration_since(t) >= self.limits.linger {
-                self.seal();
-            }
+        if let Some(t) = self.opened_at
+            && now.duration_since(t) >= self.limits.linger
+        {
+            self.seal();
         }
     }
 

@@ -467,21 +467,21 @@ fn aws(
     max_concurrency: Option<usize>,
     request_timeout: Option<Dur>,
 ) -> Result<Aws, ConfigError> {
-    if let Some(e) = &endpoint {
-        if !(e.starts_with("http://") || e.starts_with("https://")) {
-            return Err(err(
-                format!("{key}.endpoint"),
-                format!("{e:?} is not an http:// or https:// URL"),
-            ));
-        }
+    if let Some(e) = &endpoint
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        return Err(err(
+            format!("{key}.endpoint"),
+            format!("{e:?} is not an http:// or https:// URL"),
+        ));
     }
-    if let Some(r) = &role_arn {
-        if !r.starts_with("arn:") {
-            return Err(err(
-                format!("{key}.role_arn"),
-                format!("{r:?} is not an ARN"),
-            ));
-        }
+    if let Some(r) = &role_arn
+        && !r.starts_with("arn:")
+    {
+        return Err(err(
+            format!("{key}.role_arn"),
+            format!("{r:?} is not an ARN"),
+        ));
     }
     let max_concurrency = max_concurrency.unwrap_or(64);
     if max_concurrency == 0 || max_concurrency > 1024 {
@@ -643,6 +643,36 @@ fn firehose(key: &str, f: FirehoseFile) -> Result<(SinkKind, BatchLimits), Confi
 fn typed<T: DeserializeOwned>(key: &str, table: toml::Table) -> Result<T, ConfigError> {
     T::deserialize(toml::Value::Table(table))
         .map_err(|e| err(key, e.to_string().trim_end().to_string()))
+}
+
+/// The file's directory exists and is writable, or could be created: its nearest
+/// existing ancestor is a writable directory.
+fn writable_dir(path: &Path) -> Result<(), String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => at = Path::new("."),
+        }
+    }
+    if !at.is_dir() {
+        return Err(format!("{} is not a directory", at.display()));
+    }
+    if nix::unistd::access(at, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Err(match at == dir {
+            true => format!("directory {} is not writable by this user", dir.display()),
+            false => format!(
+                "directory {} does not exist, and {} is not writable to create it",
+                dir.display(),
+                at.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn take_type(key: &str, table: &mut toml::Table) -> Result<String, ConfigError> {
@@ -868,6 +898,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 if let Some(Size(0)) = f.rotate_bytes {
                     return Err(err(format!("{key}.rotate_bytes"), "must be more than zero"));
                 }
+                writable_dir(&f.path).map_err(|e| err(format!("{key}.path"), e))?;
                 let kind = SinkKind::File {
                     path: f.path,
                     rotate_bytes: f.rotate_bytes.map(|s| s.0),
@@ -916,6 +947,9 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         };
         if patterns.is_empty() {
             return Err(err(format!("{key}.match"), "lists no patterns"));
+        }
+        for p in &patterns {
+            crate::route::Pattern::check(p).map_err(|e| err(format!("{key}.match"), e))?;
         }
         let names = match f.sinks {
             OneOrMany::One(s) => vec![s],
@@ -1104,8 +1138,8 @@ sinks = "out"
     #[test]
     fn the_embedded_default_is_valid() {
         let c = Config::default_config();
-        assert_eq!(c.inputs.len(), 2);
-        assert_eq!(c.inputs[0].address.port(), 24224);
+        let ports: Vec<u16> = c.inputs.iter().map(|i| i.address.port()).collect();
+        assert_eq!(ports, [24224, 9880, 5170], "forward, http, json");
     }
 
     #[test]
@@ -1155,6 +1189,30 @@ sinks = "out"
             "{e}"
         );
         assert_eq!(Config::parse(MIN).unwrap().engine.io, IoBackend::Auto);
+    }
+
+    #[test]
+    fn file_sinks_need_a_directory_they_can_write() {
+        let cfg = |path: &str| {
+            format!(
+                "[inputs.f]\ntype = \"forward\"\n[sinks.f]\ntype = \"file\"\npath = {path:?}\n\
+                 [[routes]]\nmatch = \"**\"\nsinks = \"f\"\n"
+            )
+        };
+        let file = std::env::current_exe().unwrap();
+        let under_a_file = file.join("logs/out.ndjson");
+        let e = parse_err(&cfg(under_a_file.to_str().unwrap()));
+        assert!(
+            e.contains("sinks.f.path") && e.contains("is not a directory"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join("sluice-new-dir/out.ndjson");
+        assert!(Config::parse(&cfg(dir.to_str().unwrap())).is_ok());
+        let e = parse_err(&cfg("/tmp/x").replace("match = \"**\"", "match = \"a.{b\""));
+        assert!(
+            e.contains("routes[0].match") && e.contains("unclosed"),
+            "{e}"
+        );
     }
 
     #[test]

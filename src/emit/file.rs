@@ -82,6 +82,21 @@ impl FileWriter {
 
 impl Writer for FileWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        // Whatever failed, say which file.
+        self.write_inner(data)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+    }
+
+    fn close(&mut self) -> std::io::Result<()> {
+        match self.file.take() {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl FileWriter {
+    fn write_inner(&mut self, data: &[u8]) -> std::io::Result<()> {
         if self.file.is_none() {
             self.open()?;
         }
@@ -101,13 +116,6 @@ impl Writer for FileWriter {
         }
         self.written += data.len() as u64;
         Ok(())
-    }
-
-    fn close(&mut self) -> std::io::Result<()> {
-        match self.file.take() {
-            Some(f) => f.sync_data(),
-            None => Ok(()),
-        }
     }
 }
 

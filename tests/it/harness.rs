@@ -145,10 +145,10 @@ impl Sluice {
             );
         }
         for line in self.logs() {
-            if let (Some(i), Some(a)) = (field(&line, "input"), field(&line, "address")) {
-                if line.contains("Listening") {
-                    self.addrs.insert(i, a.parse().unwrap());
-                }
+            if let (Some(i), Some(a)) = (field(&line, "input"), field(&line, "address"))
+                && line.contains("Listening")
+            {
+                self.addrs.insert(i, a.parse().unwrap());
             }
         }
     }
