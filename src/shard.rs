@@ -220,10 +220,10 @@ impl Shard {
     /// Finishes a frame: releases its hold on its chunk, which is acked once the batches
     /// holding its events settle.
     pub fn close_frame(&mut self, ticket: Option<Ticket>) {
-        if let Some(t) = ticket {
-            if self.ledger.release(t) {
-                self.counters.acks_sent += 1;
-            }
+        if let Some(t) = ticket
+            && self.ledger.release(t)
+        {
+            self.counters.acks_sent += 1;
         }
     }
 

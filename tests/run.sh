@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as a new user (and CI) runs it: install what the tests need,
-# then run every unit, property and integration test, and the integration suite once
-# more where io_uring is refused.
+# run every unit, property and integration test, run the integration suite once more
+# where io_uring is refused, and check the deployment templates offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh
@@ -18,3 +18,4 @@ else
     echo "tests/run.sh: the seccomp helper is x86_64 only; the epoll run is skipped on $(uname -m)" >&2
     exit 1
 fi
+tests/deploy.sh

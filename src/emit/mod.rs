@@ -202,12 +202,12 @@ async fn build(cfg: &Config, budget: &Arc<Budget>) -> std::io::Result<(Vec<Task>
     let mut fallback_rx: Vec<Option<mpsc::Receiver<Fallback>>> =
         (0..cfg.sinks.len()).map(|_| None).collect();
     for s in &cfg.sinks {
-        if let Some(t) = s.fallback {
-            if fallbacks[t].is_none() {
-                let (tx, rx) = mpsc::channel(16);
-                fallbacks[t] = Some(tx);
-                fallback_rx[t] = Some(rx);
-            }
+        if let Some(t) = s.fallback
+            && fallbacks[t].is_none()
+        {
+            let (tx, rx) = mpsc::channel(16);
+            fallbacks[t] = Some(tx);
+            fallback_rx[t] = Some(rx);
         }
     }
     let mut tasks = Vec::new();
@@ -427,10 +427,10 @@ async fn run_sink(
             next_report += REPORT_EVERY;
         }
     }
-    if let Some(mut w) = writer {
-        if let Err(e) = w.close() {
-            tracing::error!(sink = %sink.name, error = %e, "Closing the sink failed");
-        }
+    if let Some(mut w) = writer
+        && let Err(e) = w.close()
+    {
+        tracing::error!(sink = %sink.name, error = %e, "Closing the sink failed");
     }
     let _ = reporter.send(Report::Sink {
         sink: index,
