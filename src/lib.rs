@@ -1,7 +1,7 @@
 //! Sluice: a thread-per-core log forwarder. Fluentd Forward and JSON lines in, routed by
 //! tag, batched, and written to sinks.
 //!
-//! The modules follow the data path (see DESIGN.md): `accept` → `conn` → `decode` →
+//! The modules follow the data path (see ARCHITECTURE.md): `accept` → `conn` → `decode` →
 //! `route` → `batch` → `ring` → `emit` → `ack`, with `shard` holding one core's state
 //! between them, `config` and `probe` before start-up, and `engine` tying it together.
 

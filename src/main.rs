@@ -13,11 +13,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Sluice: a thread-per-core log forwarder.
 ///
 /// Receives the Fluentd Forward protocol (Docker's fluentd log driver, Fluent Bit, Fluentd,
-/// fluent-logger) and newline-delimited JSON over TCP and UDP, routes events by tag with
-/// Fluentd's match patterns, and writes them in batches to its sinks.
+/// fluent-logger), newline-delimited JSON over TCP and UDP, and Fluentd-style HTTP, routes
+/// events by tag with Fluentd's match patterns, and writes them in batches to its sinks.
 ///
 /// With no command, sluice runs its embedded default config: Forward on 24224, JSON lines
-/// on 5170 (TCP and UDP), everything to stdout. Logs go to stderr; set SLUICE_LOG (for
+/// on 5170 (TCP and UDP), HTTP on 9880 (/health, /metrics, ingest), everything to stdout. Logs go to stderr; set SLUICE_LOG (for
 /// example `debug` or `info,sluice::stats=warn`) to change how much.
 #[derive(Parser)]
 #[command(name = "sluice", version, propagate_version = true)]

@@ -1,7 +1,7 @@
 //! Retry policy as pure functions: every response is classified (done, retry the failed
 //! records, retry the whole request, give up), backoff is full-jitter exponential, and the
 //! number of requests in flight follows AIMD. Time and randomness are passed in, so all of
-//! it is tested like any other state machine (DESIGN.md invariant 8).
+//! it is tested like any other state machine (ARCHITECTURE.md, rule 9).
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};

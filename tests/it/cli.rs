@@ -186,6 +186,9 @@ fn embedded_default_config_prints_events_to_stdout() {
     assert_eq!(v["msg"], "hello from nc");
     assert!(v["time"].as_str().unwrap().ends_with('Z'), "{v}");
     assert_eq!(s.addr("forward").port(), 24224);
+    let h = s.addr("http");
+    assert_eq!(h.port(), 9880);
+    assert_eq!(crate::http::request(h, "GET", "/health", None, b"").0, 200);
     let (status, logs) = s.stop();
     assert!(
         status.success(),
