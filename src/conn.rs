@@ -103,6 +103,8 @@ pub struct Link {
     pub(crate) parked: Cell<bool>,
     /// The peer, for log lines.
     pub peer: Cell<Option<SocketAddr>>,
+    /// The input (its index in the config) the connection came in on, for its counters.
+    pub input: Cell<usize>,
 }
 
 impl Link {
@@ -273,7 +275,7 @@ impl Conn for ForwardConn {
                     Err(e) => return Progress::Close(e),
                 },
             };
-            match shard.ingest_forward(&frame, events, ticket) {
+            match shard.ingest_forward(self.link.input.get(), &frame, events, ticket) {
                 Ingested::All => {
                     shard.close_frame(ticket);
                     if resumed.is_some() {
@@ -327,6 +329,8 @@ impl Conn for ForwardConn {
 /// Where JSON-lines events get their tag.
 #[derive(Clone, Debug)]
 pub struct JsonSource {
+    /// The input's index in the config, for its counters.
+    pub input: usize,
     /// The input's own tag, used when `tag_key` is unset or missing from a record.
     pub tag: String,
     pub tag_key: Option<String>,
@@ -461,21 +465,24 @@ pub fn ingest_datagram(
 pub fn ingest_http(
     shard: &mut Shard,
     parser: &mut JsonParser,
+    input: usize,
     req: &mut Ingest,
 ) -> Result<usize, DecodeError> {
     let time = req.time.unwrap_or_else(EventTime::now);
-    shard.counters.bytes_in += req.len() as u64;
+    shard.read(input, req.len());
     let len = req.len();
     let tag = &req.tag;
     let taken = match req.payload {
         Payload::Json => parser.parse_each(&mut req.records, len, |obj| {
-            shard.ingest_json(tag, time, obj);
+            shard.ingest_json(input, tag, time, obj);
         }),
         Payload::Msgpack => msgpack_records(&req.records).map(|records| {
             let mut events = records.iter().map(|&record| Event { time, record });
             // A held batch pauses a Forward frame; a request is taken whole, as a JSON
             // line is, so its body (bounded by max_body_bytes) is the most it overshoots.
-            while let Ingested::Paused(_) = shard.ingest_msgpack(tag, events.by_ref(), None) {}
+            while let Ingested::Paused(_) = shard.ingest_msgpack(input, tag, events.by_ref(), None)
+            {
+            }
             records.len()
         }),
     };
@@ -502,7 +509,7 @@ fn ingest_line(
             .as_deref()
             .and_then(|k| field_str(obj, k))
             .unwrap_or(&source.tag);
-        shard.ingest_json(tag, now, obj);
+        shard.ingest_json(source.input, tag, now, obj);
     });
     if let Err(e) = r {
         shard.refused(e, "Skipping a line", peer);

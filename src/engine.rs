@@ -92,6 +92,11 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
             (s.name.clone(), aws)
         })
         .collect();
+    let names = metrics::Names {
+        sinks: names,
+        inputs: cfg.inputs.iter().map(|i| i.name.clone()).collect(),
+        routes: cfg.routes.iter().map(|r| r.patterns.join(" ")).collect(),
+    };
     let interval = cfg.engine.stats_interval;
     let stats = std::thread::Builder::new()
         .name("sluice-stats".into())

@@ -61,6 +61,10 @@ counters!(
         partition_key_missing,
         /// HTTP ingest requests whose records were routed.
         http_requests,
+        /// Sealed batches in the cores' rings now, waiting for the emitter (a gauge).
+        ring_batches,
+        /// Sealed batches the cores hold back for want of ring room or budget (a gauge).
+        held_batches,
     }
 );
 
@@ -103,6 +107,16 @@ impl SinkCounters {
     }
 }
 
+counters!(
+    /// One input's share of the core counters.
+    InputCounters {
+        events_in,
+        bytes_in,
+        connections_opened,
+        connections_closed,
+    }
+);
+
 /// Decode errors by kind, indexed by [`DecodeError::index`].
 pub type ErrorCounts = [u64; DecodeError::NAMES.len()];
 
@@ -115,6 +129,10 @@ pub enum Report {
         core: usize,
         counters: CoreCounters,
         errors: ErrorCounts,
+        /// By input, as the config lists them.
+        inputs: Vec<InputCounters>,
+        /// Events each route took, as the config lists them.
+        routes: Vec<u64>,
     },
     Sink {
         sink: usize,
@@ -129,6 +147,10 @@ pub enum Report {
 pub struct Totals {
     pub core: CoreCounters,
     pub errors: ErrorCounts,
+    /// `(input name, its counters)`.
+    pub inputs: Vec<(String, InputCounters)>,
+    /// `(route index, its patterns, events it took)`.
+    pub routes: Vec<(String, String, u64)>,
     pub sinks: Vec<SinkTotal>,
     /// The memory budget: charged now, the most it was, and its limit.
     pub memory: [u64; 3],
@@ -231,6 +253,8 @@ fn core_help(field: &str) -> &'static str {
         "events_oversize" => "Events larger than their sink's record limit",
         "partition_key_missing" => "Events whose partition key field was missing",
         "http_requests" => "HTTP ingest requests whose records were routed",
+        "ring_batches" => "Sealed batches in the cores' rings, waiting for the emitter",
+        "held_batches" => "Sealed batches held back for want of ring room or memory budget",
         _ => "",
     }
 }
@@ -292,7 +316,12 @@ impl Collector for Scrape {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for (k, v) in t.core.fields() {
-            counter(&mut e, &format!("sluice_{k}"), core_help(k), v)?;
+            match k {
+                "ring_batches" | "held_batches" => {
+                    gauge(&mut e, &format!("sluice_{k}"), core_help(k), v)?
+                }
+                _ => counter(&mut e, &format!("sluice_{k}"), core_help(k), v)?,
+            }
         }
         let open = t
             .core
@@ -313,6 +342,24 @@ impl Collector for Scrape {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| (vec![("kind", DecodeError::NAMES[i])], *n)),
+        )?;
+        let fields: Vec<&'static str> = InputCounters::default().fields().map(|(k, _)| k).collect();
+        for (i, k) in fields.iter().enumerate() {
+            let rows = t.inputs.iter().map(|(name, c)| {
+                let v = c.fields().nth(i).map_or(0, |(_, v)| v);
+                (vec![("input", name.as_str())], v)
+            });
+            let name = format!("sluice_input_{k}");
+            family(&mut e, &name, core_help(k), MetricType::Counter, rows)?;
+        }
+        family(
+            &mut e,
+            "sluice_route_events",
+            "Events each route took",
+            MetricType::Counter,
+            t.routes
+                .iter()
+                .map(|(i, m, n)| (vec![("route", i.as_str()), ("match", m.as_str())], *n)),
         )?;
         let [used, peak, limit] = t.memory;
         gauge(
@@ -386,25 +433,61 @@ impl Collector for Scrape {
 
 /// Merges reports and logs the totals every `interval`, and once more when every sender
 /// is gone; `scrape` always holds the latest. Returns the final totals.
+/// What the collector labels its totals with.
+pub struct Names {
+    /// Each sink's name, and whether it is an AWS sink.
+    pub sinks: Vec<(String, bool)>,
+    pub inputs: Vec<String>,
+    /// Each route's patterns.
+    pub routes: Vec<String>,
+}
+
+type CoreSnapshot = (CoreCounters, ErrorCounts, Vec<InputCounters>, Vec<u64>);
+
 pub fn collect(
     rx: Receiver<Report>,
     cores: usize,
-    sink_names: Vec<(String, bool)>,
+    names: Names,
     interval: Duration,
     budget: &Budget,
     scrape: &Scrape,
 ) -> Totals {
-    let mut per_core = vec![(CoreCounters::default(), [0u64; DecodeError::NAMES.len()]); cores];
+    let Names {
+        sinks: sink_names,
+        inputs: input_names,
+        routes: route_names,
+    } = names;
+    let empty: CoreSnapshot = (
+        CoreCounters::default(),
+        [0u64; DecodeError::NAMES.len()],
+        vec![InputCounters::default(); input_names.len()],
+        vec![0; route_names.len()],
+    );
+    let mut per_core = vec![empty; cores];
     let mut per_sink = vec![(SinkCounters::default(), Vec::new()); sink_names.len()];
-    let totals = |per_core: &[(CoreCounters, ErrorCounts)],
-                  per_sink: &[(SinkCounters, Vec<(String, u64)>)]| {
+    let totals = |per_core: &[CoreSnapshot], per_sink: &[(SinkCounters, Vec<(String, u64)>)]| {
         let mut t = Totals {
             memory: [budget.used(), budget.peak(), budget.limit()].map(|n| n as u64),
             ..Totals::default()
         };
-        for (c, e) in per_core {
+        t.inputs = input_names
+            .iter()
+            .map(|n| (n.clone(), InputCounters::default()))
+            .collect();
+        t.routes = route_names
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i.to_string(), p.clone(), 0))
+            .collect();
+        for (c, e, inputs, routes) in per_core {
             t.core.merge(c);
             for (a, b) in t.errors.iter_mut().zip(e) {
+                *a += b;
+            }
+            for ((_, a), b) in t.inputs.iter_mut().zip(inputs) {
+                a.merge(b);
+            }
+            for ((_, _, a), b) in t.routes.iter_mut().zip(routes) {
                 *a += b;
             }
         }
@@ -428,8 +511,10 @@ pub fn collect(
                 core,
                 counters,
                 errors,
+                inputs,
+                routes,
             }) => {
-                per_core[core] = (counters, errors);
+                per_core[core] = (counters, errors, inputs, routes);
                 scrape.set(totals(&per_core, &per_sink));
             }
             Ok(Report::Sink {

@@ -58,6 +58,15 @@ impl<T> Producer<T> {
         }
     }
 
+    /// Items waiting in the ring.
+    pub fn len(&self) -> usize {
+        self.tx.as_ref().map_or(0, |t| t.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Whether the consumer is gone, so pushes can never succeed.
     pub fn is_closed(&self) -> bool {
         self.wakers.consumer_gone.load(Ordering::Acquire)

@@ -18,7 +18,7 @@ use crate::conn::Link;
 use crate::decode::forward::{Event, Events, Frame};
 use crate::decode::jsonl::Object;
 use crate::decode::{DecodeError, EventTime};
-use crate::metrics::{CoreCounters, ErrorCounts, Report, Reporter};
+use crate::metrics::{CoreCounters, ErrorCounts, InputCounters, Report, Reporter};
 use crate::ring::{Consumer, Producer};
 use crate::route::{Pattern, Router};
 use crate::shards::ShardMap;
@@ -97,6 +97,10 @@ pub struct Shard {
     /// The Forward connection paused in the middle of a frame, if any.
     mid_frame: Option<Rc<Link>>,
     warn: Warnings,
+    /// Counters by input, indexed as the config's inputs.
+    per_input: Vec<InputCounters>,
+    /// Events each route took, indexed as the config's routes.
+    route_events: Vec<u64>,
 }
 
 impl Shard {
@@ -149,6 +153,8 @@ impl Shard {
             pump: None,
             mid_frame: None,
             warn: Warnings::default(),
+            per_input: vec![InputCounters::default(); cfg.inputs.len()],
+            route_events: vec![0; cfg.routes.len()],
         }
     }
 
@@ -164,24 +170,26 @@ impl Shard {
     /// never queues more than one batch per sink beyond what the rings hold.
     pub fn ingest_forward(
         &mut self,
+        input: usize,
         frame: &Frame<'_>,
         events: Events<'_>,
         ticket: Option<Ticket>,
     ) -> Ingested {
-        self.ingest_msgpack(frame.tag, events, ticket)
+        self.ingest_msgpack(input, frame.tag, events, ticket)
     }
 
     /// Routes msgpack events (a Forward frame's, an HTTP request's) and encodes them into
     /// their sinks' batches, as [`Shard::ingest_forward`].
     pub fn ingest_msgpack<'a>(
         &mut self,
+        input: usize,
         tag: &str,
         events: impl Iterator<Item = Event<'a>>,
         ticket: Option<Ticket>,
     ) -> Ingested {
         let Some(r) = self.router.route(tag) else {
             let n = events.count() as u64;
-            self.counters.events_in += n;
+            self.count_in(input, None, n);
             self.unmatched(tag, n);
             return Ingested::All;
         };
@@ -209,11 +217,11 @@ impl Shard {
                 held |= b.blocked();
             }
             if held {
-                self.counters.events_in += n;
+                self.count_in(input, Some(r), n);
                 return Ingested::Paused(n);
             }
         }
-        self.counters.events_in += n;
+        self.count_in(input, Some(r), n);
         Ingested::All
     }
 
@@ -252,12 +260,13 @@ impl Shard {
     }
 
     /// Routes one JSON-lines event and encodes it into its sinks' batches.
-    pub fn ingest_json(&mut self, tag: &str, time: EventTime, obj: Object<'_, '_>) {
-        self.counters.events_in += 1;
+    pub fn ingest_json(&mut self, input: usize, tag: &str, time: EventTime, obj: Object<'_, '_>) {
         let Some(r) = self.router.route(tag) else {
+            self.count_in(input, None, 1);
             self.unmatched(tag, 1);
             return;
         };
+        self.count_in(input, Some(r), 1);
         let route = &mut self.routes[r];
         for &s in route.sinks.iter() {
             let shape = &mut route.shape;
@@ -272,6 +281,23 @@ impl Shard {
                 self.counters.missing_log_key += 1;
             }
         }
+    }
+
+    /// Counts `n` events in from `input`, taken by route `r` (or by none).
+    #[inline]
+    fn count_in(&mut self, input: usize, r: Option<usize>, n: u64) {
+        self.counters.events_in += n;
+        self.per_input[input].events_in += n;
+        if let Some(r) = r {
+            self.route_events[r] += n;
+        }
+    }
+
+    /// Counts bytes read from `input`.
+    #[inline]
+    pub fn read(&mut self, input: usize, n: usize) {
+        self.counters.bytes_in += n as u64;
+        self.per_input[input].bytes_in += n as u64;
     }
 
     fn unmatched(&mut self, tag: &str, n: u64) {
@@ -354,11 +380,13 @@ impl Shard {
     /// Registers a new connection.
     pub fn open_link(&mut self, link: &Rc<Link>) {
         self.counters.connections_opened += 1;
+        self.per_input[link.input.get()].connections_opened += 1;
         self.links.push(link.clone());
     }
 
     pub fn close_link(&mut self, link: &Rc<Link>) {
         self.counters.connections_closed += 1;
+        self.per_input[link.input.get()].connections_closed += 1;
         self.links.retain(|l| !Rc::ptr_eq(l, link));
     }
 
@@ -461,11 +489,16 @@ impl Shard {
         for b in &self.batchers {
             counters.events_oversize += b.counts.oversize;
             counters.partition_key_missing += b.counts.key_missing;
+            let (ring, held) = b.queued();
+            counters.ring_batches += ring as u64;
+            counters.held_batches += held as u64;
         }
         let _ = to.send(Report::Core {
             core: self.core,
             counters,
             errors: self.errors,
+            inputs: self.per_input.clone(),
+            routes: self.route_events.clone(),
         });
     }
 }

@@ -52,6 +52,8 @@ impl Status {
 
 /// One request's records, for a core to route; the answer is how many were taken.
 pub struct Job {
+    /// The HTTP input's index in the config.
+    pub input: usize,
     pub ingest: Ingest,
     pub reply: oneshot::Sender<Result<usize, DecodeError>>,
 }
@@ -62,6 +64,7 @@ pub const JOB_QUEUE: usize = 16;
 /// An HTTP input's listener, bound already.
 pub struct Listener {
     pub input: String,
+    pub index: usize,
     pub socket: std::net::TcpListener,
     pub max_body: usize,
     pub max_connections: usize,
@@ -105,7 +108,7 @@ pub fn start(listeners: Vec<Listener>, status: Arc<Status>, scrape: Scrape) -> i
         .into_iter()
         .map(|l| {
             l.socket.set_nonblocking(true)?;
-            Ok((l.input, l.socket, l.max_body, l.max_connections))
+            Ok((l.input, l.index, l.socket, l.max_body, l.max_connections))
         })
         .collect::<io::Result<Vec<_>>>()?;
     let thread = std::thread::Builder::new()
@@ -118,7 +121,7 @@ pub fn start(listeners: Vec<Listener>, status: Arc<Status>, scrape: Scrape) -> i
                 next_core: Cell::new(0),
             });
             tokio::task::LocalSet::new().block_on(&rt, async move {
-                for (input, socket, max_body, max_connections) in sockets {
+                for (input, index, socket, max_body, max_connections) in sockets {
                     let listener = match tokio::net::TcpListener::from_std(socket) {
                         Ok(l) => l,
                         Err(e) => {
@@ -128,6 +131,7 @@ pub fn start(listeners: Vec<Listener>, status: Arc<Status>, scrape: Scrape) -> i
                     };
                     tokio::task::spawn_local(accept(
                         listener,
+                        index,
                         ctx.clone(),
                         max_body,
                         max_connections,
@@ -146,6 +150,7 @@ pub fn start(listeners: Vec<Listener>, status: Arc<Status>, scrape: Scrape) -> i
 
 async fn accept(
     listener: tokio::net::TcpListener,
+    input: usize,
     ctx: Rc<Ctx>,
     max_body: usize,
     max_connections: usize,
@@ -173,7 +178,7 @@ async fn accept(
         tokio::task::spawn_local(async move {
             let svc = hyper::service::service_fn(|req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(req, &ctx, max_body).await) }
+                async move { Ok::<_, Infallible>(handle(req, &ctx, input, max_body).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -195,7 +200,12 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(req: Request<Incoming>, ctx: &Ctx, max_body: usize) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    input: usize,
+    max_body: usize,
+) -> Response<Full<Bytes>> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/health" if get => match ctx.status.draining() {
@@ -217,13 +227,18 @@ async fn handle(req: Request<Incoming>, ctx: &Ctx, max_body: usize) -> Response<
             );
             r
         }
-        _ => ingest(req, ctx, max_body).await,
+        _ => ingest(req, ctx, input, max_body).await,
     }
 }
 
 /// Fluentd `in_http`: 200 once a core has routed the records, 400 with the reason when
 /// they cannot be read, 413 past `max_body_bytes`, 503 while starting or draining.
-async fn ingest(req: Request<Incoming>, ctx: &Ctx, max_body: usize) -> Response<Full<Bytes>> {
+async fn ingest(
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    input: usize,
+    max_body: usize,
+) -> Response<Full<Bytes>> {
     if ctx.status.draining() {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
@@ -269,7 +284,12 @@ async fn ingest(req: Request<Incoming>, ctx: &Ctx, max_body: usize) -> Response<
     let i = ctx.next_core.get();
     ctx.next_core.set((i + 1) % cores.len());
     let (tx, rx) = oneshot::channel();
-    if cores[i].send(Job { ingest, reply: tx }).await.is_err() {
+    let job = Job {
+        input,
+        ingest,
+        reply: tx,
+    };
+    if cores[i].send(job).await.is_err() {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
     match rx.await {

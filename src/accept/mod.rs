@@ -114,6 +114,7 @@ pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
             }
             bound.http.push(http::Listener {
                 input: input.name.clone(),
+                index: i,
                 socket: s.into(),
                 max_body: max_body_bytes,
                 max_connections: input.max_connections,

@@ -111,6 +111,7 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         let limit = input.max_connections.div_ceil(cfg.engine.workers);
         inputs.push(R::spawn(accept::<R>(
             listener,
+            i,
             input.kind.clone(),
             limit,
             shard.clone(),
@@ -128,11 +129,11 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
                 return;
             }
         };
-        let source = match Proto::of(&cfg.inputs[i].kind) {
+        let source = match Proto::of(i, &cfg.inputs[i].kind) {
             Proto::Json { source, .. } => Some(source),
             Proto::Forward { .. } => None,
         };
-        inputs.push(R::spawn(datagrams::<R>(sock, source, shard.clone())));
+        inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
     }
     inputs.push(R::spawn(http_jobs(http, shard.clone())));
     let report_every = cfg.engine.stats_interval.min(Duration::from_secs(1));
@@ -219,7 +220,7 @@ enum Proto {
 }
 
 impl Proto {
-    fn of(kind: &InputKind) -> Proto {
+    fn of(input: usize, kind: &InputKind) -> Proto {
         match kind {
             InputKind::Forward {
                 max_frame_bytes,
@@ -237,6 +238,7 @@ impl Proto {
             } => Proto::Json {
                 max_line: *max_line_bytes,
                 source: Rc::new(JsonSource {
+                    input,
                     tag: tag.clone(),
                     tag_key: tag_key.clone(),
                 }),
@@ -270,12 +272,13 @@ impl Drop for TaskGuard {
 
 async fn accept<R: Runtime>(
     listener: R::Listener,
+    input: usize,
     kind: InputKind,
     limit: usize,
     shard: Shared,
     tasks: Tasks,
 ) {
-    let proto = Proto::of(&kind);
+    let proto = Proto::of(input, &kind);
     let scratch = Rc::new(RefCell::new(Scratch::default()));
     let open = Rc::new(Cell::new(0usize));
     loop {
@@ -301,7 +304,7 @@ async fn accept<R: Runtime>(
             } => {
                 let conn = ForwardConn::new(*max_frame, *max_inflated, scratch.clone());
                 R::spawn_detached(async move {
-                    serve::<R, _>(stream, conn, &shard).await;
+                    serve::<R, _>(stream, input, conn, &shard).await;
                     open.set(open.get() - 1);
                     drop(guard);
                 });
@@ -309,7 +312,7 @@ async fn accept<R: Runtime>(
             Proto::Json { max_line, source } => {
                 let conn = JsonConn::new(*max_line, source.clone());
                 R::spawn_detached(async move {
-                    serve::<R, _>(stream, conn, &shard).await;
+                    serve::<R, _>(stream, input, conn, &shard).await;
                     open.set(open.get() - 1);
                     drop(guard);
                 });
@@ -327,9 +330,15 @@ enum Wake {
 }
 
 /// Serves one connection until the peer leaves, the input turns out broken, or shutdown.
-async fn serve<R: Runtime, C: Conn>(mut stream: R::Stream, mut conn: C, shard: &Shared) {
+async fn serve<R: Runtime, C: Conn>(
+    mut stream: R::Stream,
+    input: usize,
+    mut conn: C,
+    shard: &Shared,
+) {
     let link = conn.link().clone();
     link.peer.set(R::prepare(&stream));
+    link.input.set(input);
     shard.borrow_mut().open_link(&link);
     loop {
         // Acks the peer does not read stop the processing that makes them, not only the
@@ -363,7 +372,7 @@ async fn serve<R: Runtime, C: Conn>(mut stream: R::Stream, mut conn: C, shard: &
             }
             Wake::Read(n) => {
                 conn.filled(n);
-                shard.borrow_mut().counters.bytes_in += n as u64;
+                shard.borrow_mut().read(input, n);
             }
             Wake::Unblocked => {}
             Wake::Stop => {
@@ -486,10 +495,16 @@ async fn settle_acks<R: Runtime>(stream: &mut R::Stream, link: &Rc<Link>, shard:
 /// Reads one UDP socket: Forward heartbeats are answered; JSON lines are ingested, one
 /// or more per datagram. Stops reading while the shard is blocked (the kernel then drops
 /// datagrams, as UDP allows).
-async fn datagrams<R: Runtime>(sock: R::Datagram, source: Option<Rc<JsonSource>>, shard: Shared) {
+async fn datagrams<R: Runtime>(
+    sock: R::Datagram,
+    input: usize,
+    source: Option<Rc<JsonSource>>,
+    shard: Shared,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM + JSON_PADDING];
     let mut parser = JsonParser::default();
     let link = Rc::new(Link::default());
+    link.input.set(input);
     loop {
         unblocked(&link, &shard).await;
         let (n, peer) = match R::recv_from(&sock, &mut buf[..MAX_DATAGRAM]).await {
@@ -507,7 +522,7 @@ async fn datagrams<R: Runtime>(sock: R::Datagram, source: Option<Rc<JsonSource>>
             }
             Some(source) => {
                 let mut s = shard.borrow_mut();
-                s.counters.bytes_in += n as u64;
+                s.read(input, n);
                 ingest_datagram(&mut s, &mut parser, &mut buf, n, source, peer);
             }
         }
@@ -536,7 +551,12 @@ async fn http_jobs(mut jobs: tokio::sync::mpsc::Receiver<Job>, shard: Shared) {
     let link = Rc::new(Link::default());
     while let Some(mut job) = jobs.recv().await {
         unblocked(&link, &shard).await;
-        let r = ingest_http(&mut shard.borrow_mut(), &mut parser, &mut job.ingest);
+        let r = ingest_http(
+            &mut shard.borrow_mut(),
+            &mut parser,
+            job.input,
+            &mut job.ingest,
+        );
         let _ = job.reply.send(r);
     }
 }

@@ -824,6 +824,11 @@ impl Batcher {
         !self.held.is_empty() || self.budget.spent()
     }
 
+    /// Sealed batches in the ring, waiting for the emitter, and held back for want of room.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.ring.len(), self.held.len())
+    }
+
     /// Takes back a settled batch for reuse.
     pub fn recycle(&mut self, mut b: Batch) {
         self.in_flight -= 1;

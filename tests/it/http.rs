@@ -291,6 +291,7 @@ fn metrics_parse_as_openmetrics_and_count_what_was_sent() {
     }
     assert_eq!(read_acks(&mut conn, 3).len(), 3);
     drop(conn);
+    let fwd_bytes = bytes;
     // HTTP: 4 requests of 2 events.
     for k in 0..4 {
         let body = format!(r#"[{{"seq":{}}},{{"seq":{}}}]"#, 2 * k, 2 * k + 1);
@@ -309,7 +310,16 @@ fn metrics_parse_as_openmetrics_and_count_what_was_sent() {
     let deadline = Instant::now() + PATIENCE;
     let m = loop {
         let m = scrape(h);
-        if m.get("sluice_sink_events_total{sink=app}") == Some(&38.0) || Instant::now() > deadline {
+        // Cores and sinks report apart, each once a second: wait until both have.
+        let settled = [
+            ("sluice_sink_events_total{sink=app}", 38.0),
+            ("sluice_events_in_total", 38.0),
+            ("sluice_acks_sent_total", 3.0),
+            ("sluice_ring_batches", 0.0),
+        ]
+        .iter()
+        .all(|(k, v)| m.get(*k) == Some(v));
+        if settled || Instant::now() > deadline {
             break m;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -322,9 +332,19 @@ fn metrics_parse_as_openmetrics_and_count_what_was_sent() {
         ("sluice_http_requests_total", 4.0),
         ("sluice_connections_opened_total", 1.0),
         ("sluice_connections_open", 0.0),
+        ("sluice_ring_batches", 0.0),
+        ("sluice_held_batches", 0.0),
         ("sluice_sink_events_total{sink=app}", 38.0),
         ("sluice_sink_events_total{sink=drop}", 0.0),
         ("sluice_io_backend{backend=uring}", 0.0),
+        // By input and by route.
+        ("sluice_input_events_in_total{input=fwd}", 30.0),
+        ("sluice_input_events_in_total{input=http}", 8.0),
+        ("sluice_input_bytes_in_total{input=http}", (bytes - fwd_bytes) as f64),
+        ("sluice_input_bytes_in_total{input=fwd}", fwd_bytes as f64),
+        ("sluice_input_connections_opened_total{input=fwd}", 1.0),
+        ("sluice_route_events_total{match=app.**,route=1}", 38.0),
+        ("sluice_route_events_total{match=health*,route=0}", 0.0),
     ];
     for (k, v) in want {
         let got = m.get(k).copied();
