@@ -143,6 +143,53 @@ pub fn fuzz_json_lines(data: &[u8]) {
     check_json_lines(&out);
 }
 
+/// Fuzz target body: an HTTP request (a Content-Type chosen by the first byte, then the
+/// path and query up to a newline, then the body) never panics, and what it takes
+/// re-encodes to valid JSON, all of it or none.
+pub fn fuzz_http(data: &[u8]) {
+    use crate::decode::http::{Payload, msgpack_records, parse};
+    let Some((&ty, rest)) = data.split_first() else {
+        return;
+    };
+    let ty = [
+        None,
+        Some("application/json"),
+        Some("application/msgpack"),
+        Some("application/x-www-form-urlencoded"),
+    ][ty as usize % 4];
+    let (target, body) = match rest.iter().position(|&b| b == b'\n') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let target = String::from_utf8_lossy(target);
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (&*target, None),
+    };
+    let Ok(mut req) = parse(path, query, ty, body.to_vec()) else {
+        return;
+    };
+    let mut shape = shapes().swap_remove(0);
+    let now = crate::decode::EventTime::default();
+    let mut out = Vec::new();
+    match req.payload {
+        Payload::Json => {
+            let len = req.len();
+            let _ = JsonParser::default().parse_each(&mut req.records, len, |obj| {
+                shape.encode_json(&mut out, &req.tag, now, obj);
+            });
+        }
+        Payload::Msgpack => {
+            if let Ok(records) = msgpack_records(&req.records) {
+                for r in records {
+                    shape.encode_msgpack(&mut out, &req.tag, now, r);
+                }
+            }
+        }
+    }
+    check_json_lines(&out);
+}
+
 /// Every line of JSON output parses as an object.
 fn check_json_lines(out: &[u8]) {
     assert!(
@@ -163,6 +210,21 @@ fn check_json_lines(out: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Random bodies behind each Content-Type, and random bytes in the seeds' places.
+        #[test]
+        fn http_requests_never_panic(ty in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..300),
+                                     noise in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut data = vec![ty];
+            data.extend_from_slice(b"/app.web?time=1.5&json=");
+            data.extend_from_slice(&noise);
+            data.push(b'\n');
+            data.extend_from_slice(&body);
+            fuzz_http(&data);
+        }
+    }
 
     /// The files of `fuzz/<kind>/<target>`: `seeds` are hand-written, `corpus` is
     /// libFuzzer's (minimized) finds.
@@ -207,6 +269,9 @@ mod tests {
             .chain(files("corpus", "json_lines"))
         {
             fuzz_json_lines(&data);
+        }
+        for (_, data) in files("seeds", "http") {
+            fuzz_http(&data);
         }
         let bad = files("seeds", "json_lines")
             .into_iter()

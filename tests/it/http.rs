@@ -340,7 +340,10 @@ fn metrics_parse_as_openmetrics_and_count_what_was_sent() {
         // By input and by route.
         ("sluice_input_events_in_total{input=fwd}", 30.0),
         ("sluice_input_events_in_total{input=http}", 8.0),
-        ("sluice_input_bytes_in_total{input=http}", (bytes - fwd_bytes) as f64),
+        (
+            "sluice_input_bytes_in_total{input=http}",
+            (bytes - fwd_bytes) as f64,
+        ),
         ("sluice_input_bytes_in_total{input=fwd}", fwd_bytes as f64),
         ("sluice_input_connections_opened_total{input=fwd}", 1.0),
         ("sluice_route_events_total{match=app.**,route=1}", 38.0),
