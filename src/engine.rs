@@ -148,6 +148,8 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
         .map_err(EngineError::Start)?;
         cores.push(handle);
     }
+    // Kept to tell the collector the end has come, whatever the sinks are doing.
+    let end = reporter.clone();
     drop(reporter);
     drop(ready_tx);
 
@@ -195,9 +197,9 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     let deadline = Instant::now() + Duration::from_secs(1);
     if !emitter.join(deadline) {
         tracing::warn!("Sinks still busy at the drain deadline; exiting without them");
-        return Ok(());
     }
-    // Every reporter is gone now, so the collector logs the final totals and ends.
+    // The final totals are logged either way.
+    let _ = end.send(metrics::Report::End);
     let _ = stats.join();
     Ok(())
 }

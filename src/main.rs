@@ -30,9 +30,9 @@ struct Cli {
 enum Command {
     /// Run sluice: with --config FILE, on that config; without, on the embedded default.
     ///
-    /// SIGTERM or SIGINT shuts down gracefully: stop accepting, read open connections for
-    /// engine.input_grace, seal every batch, drain the sinks for up to engine.drain_timeout,
-    /// write the final acks, exit. A second signal exits at once.
+    /// SIGTERM or SIGINT shuts down gracefully, within engine.drain_timeout: stop
+    /// accepting, read open connections for engine.input_grace, seal every batch, deliver,
+    /// write the final acks and counters, exit 0. A second signal exits at once.
     Run {
         /// The TOML config file.
         #[arg(short, long, value_name = "FILE")]

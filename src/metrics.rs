@@ -65,6 +65,9 @@ counters!(
         ring_batches,
         /// Sealed batches the cores hold back for want of ring room or budget (a gauge).
         held_batches,
+        /// Events read but not confirmed delivered when the drain deadline came (set once,
+        /// at shutdown).
+        events_undelivered,
     }
 );
 
@@ -134,6 +137,8 @@ pub enum Report {
         /// Events each route took, as the config lists them.
         routes: Vec<u64>,
     },
+    /// Shutdown is over: log the final totals now, whoever has not reported.
+    End,
     Sink {
         sink: usize,
         counters: SinkCounters,
@@ -255,6 +260,7 @@ fn core_help(field: &str) -> &'static str {
         "http_requests" => "HTTP ingest requests whose records were routed",
         "ring_batches" => "Sealed batches in the cores' rings, waiting for the emitter",
         "held_batches" => "Sealed batches held back for want of ring room or memory budget",
+        "events_undelivered" => "Events not confirmed delivered at the drain deadline",
         _ => "",
     }
 }
@@ -529,7 +535,7 @@ pub fn collect(
                 tracing::info!(target: "sluice::stats", "Stats {}", totals(&per_core, &per_sink).line());
                 next += interval;
             }
-            Err(RecvTimeoutError::Disconnected) => {
+            Ok(Report::End) | Err(RecvTimeoutError::Disconnected) => {
                 let t = totals(&per_core, &per_sink);
                 tracing::info!(target: "sluice::stats", "Final stats {}", t.line());
                 return t;

@@ -471,11 +471,16 @@ impl Shard {
     }
 
     /// Batches not settled and chunks not acked, for the drain-deadline report.
-    pub fn unsettled(&self) -> (usize, usize) {
-        (
-            self.batchers.iter().map(Batcher::unsettled).sum(),
-            self.ledger.outstanding(),
-        )
+    /// Batches not settled, their events (an event in two sinks' batches counts twice),
+    /// and chunks not acked.
+    pub fn unsettled(&self) -> (usize, u64, usize) {
+        let (mut batches, mut events) = (0, 0);
+        for b in &self.batchers {
+            let (n, e) = b.unsettled();
+            batches += n;
+            events += e;
+        }
+        (batches, events, self.ledger.outstanding())
     }
 
     /// Nothing open, held or in flight, and no chunk waiting for its ack.

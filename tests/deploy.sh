@@ -39,10 +39,10 @@ then
   "$venv/bin/pip" install -q --disable-pip-version-check "${pins[@]}"
 fi
 
-# sluice's longest drain after SIGTERM, in seconds: engine.input_grace (2 s) +
-# engine.drain_timeout (30 s) at their defaults, + 1 s to seal, ack and exit. Every stop
-# timeout and the load balancer's deregistration delay must be longer.
-drain=33
+# sluice's longest drain after SIGTERM, in seconds: engine.drain_timeout at its default
+# bounds all of it (input grace, delivery, final acks and counters). Every stop timeout
+# and the load balancer's deregistration delay must be longer.
+drain=25
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -148,27 +148,30 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 
     // The documented order: stop accepting, read open connections for the input grace,
-    // seal everything, drain until the deadline, write the final acks, leave.
+    // seal everything, drain until the deadline, write the final acks, leave. The whole
+    // of it fits in drain_timeout from the signal, final acks and counters included.
+    let deadline = Instant::now() + cfg.engine.drain_timeout.saturating_sub(FINAL_MARGIN);
     for t in inputs {
         R::cancel(t).await;
     }
-    let grace_end = Instant::now() + cfg.engine.input_grace;
+    let grace_end = (Instant::now() + cfg.engine.input_grace).min(deadline);
     while Instant::now() < grace_end && shard.borrow().connections() > 0 {
         R::sleep(Duration::from_millis(10)).await;
     }
     shard.borrow_mut().set_phase(Phase::Draining);
     shard.borrow_mut().seal_all();
-    let deadline = Instant::now() + cfg.engine.drain_timeout;
     while Instant::now() < deadline && !shard.borrow().idle() {
         R::sleep(Duration::from_millis(10)).await;
     }
     if !shard.borrow().idle() {
-        let (batches, chunks) = shard.borrow().unsettled();
-        tracing::warn!(
+        let (batches, events, chunks) = shard.borrow().unsettled();
+        shard.borrow_mut().counters.events_undelivered = events;
+        tracing::error!(
             core,
+            events,
             batches,
             chunks,
-            "Drain timeout reached with batches unsettled; their chunks are not acked, so clients that use acks send them again"
+            "Drain deadline reached: {events} events read here (counted once per sink) are not confirmed delivered. Senders that use acks send their {chunks} unacked chunks again; events from other senders are lost"
         );
     }
     shard.borrow_mut().set_phase(Phase::Closing);
@@ -179,6 +182,10 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     R::cancel(pump).await;
     shard.borrow().report(&reporter);
 }
+
+/// What the drain leaves of drain_timeout for the final acks, the sinks' last answers
+/// and the final counters.
+const FINAL_MARGIN: Duration = Duration::from_millis(1500);
 
 /// Moves batches and completions, seals lingering batches, and reports counters.
 async fn pump<R: Runtime>(

@@ -220,6 +220,8 @@ pub struct Batcher {
     ring: Producer<Batch>,
     /// Pushed to the ring and not yet returned.
     in_flight: usize,
+    /// The events of those batches.
+    in_flight_events: u64,
     budget: Arc<Budget>,
 }
 
@@ -267,6 +269,7 @@ impl Batcher {
             spare: Vec::new(),
             ring,
             in_flight: 0,
+            in_flight_events: 0,
             budget,
         }
     }
@@ -784,8 +787,12 @@ impl Batcher {
     /// Pushes held batches while the ring has room; returns whether none are left.
     fn push_held(&mut self) -> bool {
         while let Some(b) = self.held.pop_front() {
+            let events = u64::from(b.events);
             match self.ring.push(b) {
-                Ok(()) => self.in_flight += 1,
+                Ok(()) => {
+                    self.in_flight += 1;
+                    self.in_flight_events += events;
+                }
                 Err(b) => {
                     self.held.push_front(b);
                     return false;
@@ -832,6 +839,7 @@ impl Batcher {
     /// Takes back a settled batch for reuse.
     pub fn recycle(&mut self, mut b: Batch) {
         self.in_flight -= 1;
+        self.in_flight_events -= u64::from(b.events);
         self.budget.adjust(b.charged, 0);
         b.charged = 0;
         if b.data.capacity() <= 2 * (self.limits.max_bytes + SLACK) {
@@ -841,9 +849,13 @@ impl Batcher {
         self.seal_if_acks_wait();
     }
 
-    /// Batches not settled yet: open with events, held, or in flight.
-    pub fn unsettled(&self) -> usize {
-        usize::from(self.open.events > 0) + self.held.len() + self.in_flight
+    /// Batches not settled yet (open with events, held, or in flight), and their events.
+    pub fn unsettled(&self) -> (usize, u64) {
+        let batches = usize::from(self.open.events > 0) + self.held.len() + self.in_flight;
+        let events = u64::from(self.open.events)
+            + self.held.iter().map(|b| u64::from(b.events)).sum::<u64>()
+            + self.in_flight_events;
+        (batches, events)
     }
 
     /// Nothing open, held or in flight.

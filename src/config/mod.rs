@@ -261,7 +261,8 @@ pub struct Engine {
     pub stats_interval: Duration,
     /// After a shutdown signal, how long open connections are still read.
     pub input_grace: Duration,
-    /// How long to wait for the sinks to take what was read, before exiting anyway.
+    /// The most a shutdown takes, from the signal to exit: input grace, delivery, final
+    /// acks and counters.
     pub drain_timeout: Duration,
     /// Batches each core may have queued for each sink.
     pub ring_capacity: usize,
@@ -749,11 +750,23 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     if stats_interval.is_zero() {
         return Err(err("engine.stats_interval", "must be more than zero"));
     }
+    // The whole drain, from the signal to exit: inside ECS's 30 s stop timeout by default.
+    let drain_timeout = e.drain_timeout.map_or(Duration::from_secs(25), |d| d.0);
+    let input_grace = e.input_grace.map_or(Duration::from_secs(2), |d| d.0);
+    if input_grace >= drain_timeout {
+        return Err(err(
+            "engine.input_grace",
+            format!(
+                "must be shorter than engine.drain_timeout ({}), which bounds the whole drain",
+                humantime::format_duration(drain_timeout)
+            ),
+        ));
+    }
     let engine = Engine {
         workers,
         stats_interval,
-        input_grace: e.input_grace.map_or(Duration::from_secs(2), |d| d.0),
-        drain_timeout: e.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+        input_grace,
+        drain_timeout,
         ring_capacity,
         memory_limit,
         dead_letter_dir,
@@ -1182,6 +1195,12 @@ sinks = "out"
         assert_eq!(
             Config::parse(MIN).unwrap().engine.log_format,
             LogFormat::Text
+        );
+        let e = parse_err(&format!("{MIN}\n[engine]\ninput_grace = \"30s\"\n"));
+        assert!(
+            e.contains("engine.input_grace")
+                && e.contains("shorter than engine.drain_timeout (25s)"),
+            "{e}"
         );
         let e = parse_err(&format!("{MIN}\n[engine]\nio = \"kqueue\"\n"));
         assert!(

@@ -419,3 +419,77 @@ fn a_slow_service_holds_memory_to_its_bound_and_loses_nothing() {
     drop(seen);
     s.assert_healthy();
 }
+
+/// SIGTERM while the service is down, with no WAL: sluice still exits 0 by the default
+/// deadline (drain_timeout, 25 s from the signal), prints its final counters, and says how
+/// many events it read and could not deliver.
+#[test]
+fn sigterm_with_the_service_down_exits_0_and_counts_the_undelivered_events() {
+    let fake = Fake::start(1, &["events"], true);
+    let cfg = r#"
+[engine]
+workers = 2
+stats_interval = "250ms"
+
+[inputs.json]
+type = "json_lines"
+address = "127.0.0.1:0"
+udp = false
+
+[sinks.events]
+type = "kinesis"
+stream = "events"
+endpoint = "{endpoint}"
+linger = "50ms"
+
+[[routes]]
+match = "**"
+sinks = "events"
+"#;
+    // The shard map is read at start-up, so the outage begins once sluice is ready.
+    let mut s = Sluice::start(
+        "down-at-sigterm",
+        &cfg.replace("{endpoint}", &fake.endpoint()),
+    );
+    fake.set(Faults {
+        outage_until: Some(Instant::now() + Duration::from_secs(3600)),
+        ..Faults::default()
+    });
+    let mut c = std::net::TcpStream::connect(s.addr("json")).unwrap();
+    for i in 0..300 {
+        writeln!(c, r#"{{"seq":{i},"msg":"never delivered"}}"#).unwrap();
+    }
+    drop(c);
+    s.wait_stat("events_in", |n| n == 300);
+    wait_seen(&fake, "requests refused by the outage", PATIENCE, |s| {
+        s.dropped_connections > 0
+    });
+    let signalled = Instant::now();
+    let (status, logs) = s.stop();
+    eprintln!(
+        "exited {:.1} s after SIGTERM",
+        signalled.elapsed().as_secs_f64()
+    );
+    let all = logs.join("\n");
+    assert!(
+        status.success(),
+        "exit 0 after the deadline: {status}\n{all}"
+    );
+    let last = logs
+        .iter()
+        .find(|l| l.contains("Final stats"))
+        .unwrap_or_else(|| panic!("no final counters:\n{all}"));
+    assert!(last.contains("events_undelivered=300"), "{last}");
+    assert!(last.contains("sink.events.records=0"), "{last}");
+    let said: u64 = logs
+        .iter()
+        .filter(|l| l.contains("ERROR") && l.contains("Drain deadline reached"))
+        .map(|l| {
+            crate::harness::field(l, "events")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(said, 300, "the error lines count every event:\n{all}");
+}

@@ -383,7 +383,7 @@ fn health_turns_503_at_sigterm_while_the_listeners_still_answer() {
     // A connection left open keeps the input grace running, and the HTTP listener with it.
     let cfg = CONFIG.replace(
         "stats_interval = \"1s\"",
-        "stats_interval = \"1s\"\ninput_grace = \"30s\"",
+        "stats_interval = \"1s\"\ninput_grace = \"30s\"\ndrain_timeout = \"40s\"",
     );
     let s = Sluice::start("http-health", &cfg);
     let (h, f) = (s.addr("http"), s.addr("fwd"));
