@@ -97,7 +97,8 @@ pub struct Shard {
     /// The Forward connection paused in the middle of a frame, if any.
     mid_frame: Option<Rc<Link>>,
     warn: Warnings,
-    /// Counters by input, indexed as the config's inputs.
+    /// Counters by input, indexed as the config's inputs; the core totals of these fields
+    /// are their sums (see [`Shard::totals`]), not counted twice.
     per_input: Vec<InputCounters>,
     /// Events each route took, indexed as the config's routes.
     route_events: Vec<u64>,
@@ -286,7 +287,6 @@ impl Shard {
     /// Counts `n` events in from `input`, taken by route `r` (or by none).
     #[inline]
     fn count_in(&mut self, input: usize, r: Option<usize>, n: u64) {
-        self.counters.events_in += n;
         self.per_input[input].events_in += n;
         if let Some(r) = r {
             self.route_events[r] += n;
@@ -296,7 +296,6 @@ impl Shard {
     /// Counts bytes read from `input`.
     #[inline]
     pub fn read(&mut self, input: usize, n: usize) {
-        self.counters.bytes_in += n as u64;
         self.per_input[input].bytes_in += n as u64;
     }
 
@@ -379,13 +378,11 @@ impl Shard {
 
     /// Registers a new connection.
     pub fn open_link(&mut self, link: &Rc<Link>) {
-        self.counters.connections_opened += 1;
         self.per_input[link.input.get()].connections_opened += 1;
         self.links.push(link.clone());
     }
 
     pub fn close_link(&mut self, link: &Rc<Link>) {
-        self.counters.connections_closed += 1;
         self.per_input[link.input.get()].connections_closed += 1;
         self.links.retain(|l| !Rc::ptr_eq(l, link));
     }
@@ -489,8 +486,16 @@ impl Shard {
     }
 
     /// Sends this core's counters to the collector.
-    pub fn report(&self, to: &Reporter) {
+    /// The core's counters with what is kept elsewhere folded in: the per-input counts
+    /// (the core totals are their sums) and the batchers' own.
+    pub fn totals(&self) -> CoreCounters {
         let mut counters = self.counters;
+        for i in &self.per_input {
+            counters.events_in += i.events_in;
+            counters.bytes_in += i.bytes_in;
+            counters.connections_opened += i.connections_opened;
+            counters.connections_closed += i.connections_closed;
+        }
         for b in &self.batchers {
             counters.events_oversize += b.counts.oversize;
             counters.partition_key_missing += b.counts.key_missing;
@@ -498,9 +503,13 @@ impl Shard {
             counters.ring_batches += ring as u64;
             counters.held_batches += held as u64;
         }
+        counters
+    }
+
+    pub fn report(&self, to: &Reporter) {
         let _ = to.send(Report::Core {
             core: self.core,
-            counters,
+            counters: self.totals(),
             errors: self.errors,
             inputs: self.per_input.clone(),
             routes: self.route_events.clone(),
@@ -655,7 +664,7 @@ mod tests {
             "{} allocations ({} bytes) for {events} events",
             info.count_total, info.bytes_total
         );
-        assert_eq!(shard.counters.events_in, 130_000);
+        assert_eq!(shard.totals().events_in, 130_000);
         assert!(
             shard.counters.acks_sent > 100,
             "acks flowed: {}",
