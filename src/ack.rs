@@ -5,10 +5,15 @@
 //! its events adds a hold, and each settled batch releases one. When the last hold goes,
 //! the reply is queued on the chunk's connection. Acks are pipelined: a connection may
 //! have any number of chunks outstanding, and replies go out as they settle.
+//!
+//! With a write-ahead log a ticket also stands for a journal entry (a frame or a read of
+//! JSON lines, with or without a chunk): when it settles the entry is released. A chunk
+//! acked `durable` is acked when its entry's group commit ends, usually long before.
 
 use std::rc::Rc;
 
 use crate::conn::Link;
+use crate::wal::SegId;
 
 /// A chunk's place in the ledger, carried by every batch holding its events.
 pub type Ticket = u32;
@@ -16,9 +21,25 @@ pub type Ticket = u32;
 #[derive(Default)]
 struct Slot {
     holds: u32,
+    /// The connection to ack, until the ack is queued.
     link: Option<Rc<Link>>,
     /// The client's chunk id; the Vec is reused by later chunks.
     chunk: Vec<u8>,
+    /// The frame's bytes, charged to its connection's unacked bytes.
+    bytes: usize,
+    /// The journal entry's segment, if the input was journaled.
+    seg: Option<SegId>,
+    /// Told apart from the slot's earlier and later chunks, for a durable ack.
+    generation: u32,
+}
+
+/// What settling a ticket did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// An ack was queued.
+    pub acked: bool,
+    /// This journal entry is released.
+    pub seg: Option<SegId>,
 }
 
 /// One core's outstanding chunks.
@@ -29,8 +50,14 @@ pub struct AckLedger {
 }
 
 impl AckLedger {
-    /// Opens a chunk with the hold of the frame being ingested.
-    pub fn open(&mut self, link: &Rc<Link>, chunk: &[u8]) -> Ticket {
+    /// Opens a ticket with the hold of the frame being ingested: for a chunk to ack on
+    /// `link` (a frame of `bytes`), for a journal entry in `seg`, or both.
+    pub fn open(
+        &mut self,
+        ack: Option<(&Rc<Link>, &[u8])>,
+        bytes: usize,
+        seg: Option<SegId>,
+    ) -> Ticket {
         let t = match self.free.pop() {
             Some(t) => t,
             None => {
@@ -40,11 +67,38 @@ impl AckLedger {
         };
         let slot = &mut self.slots[t as usize];
         slot.holds = 1;
-        slot.link = Some(link.clone());
+        slot.seg = seg;
+        slot.generation = slot.generation.wrapping_add(1);
         slot.chunk.clear();
-        slot.chunk.extend_from_slice(chunk);
-        link.chunk_opened();
+        slot.bytes = 0;
+        if let Some((link, chunk)) = ack {
+            slot.link = Some(link.clone());
+            slot.chunk.extend_from_slice(chunk);
+            slot.bytes = bytes;
+            link.chunk_opened(bytes);
+        }
         t
+    }
+
+    /// The generation of a ticket's current chunk, to name it in [`AckLedger::durable`].
+    pub fn generation(&self, t: Ticket) -> u32 {
+        self.slots[t as usize].generation
+    }
+
+    /// The chunk's journal entry is synced: ack it now, if it is still waiting. Returns
+    /// whether an ack was queued.
+    pub fn durable(&mut self, t: Ticket, generation: u32) -> bool {
+        let slot = &mut self.slots[t as usize];
+        if slot.generation != generation {
+            return false;
+        }
+        match slot.link.take() {
+            Some(link) => {
+                link.ack(&slot.chunk, slot.bytes);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A batch took some of the chunk's events.
@@ -52,28 +106,35 @@ impl AckLedger {
         self.slots[t as usize].holds += 1;
     }
 
-    /// A batch carrying the chunk settled, or the frame finished ingesting. Returns true
-    /// when that was the last hold and the ack was queued (not for an abandoned chunk).
-    pub fn release(&mut self, t: Ticket) -> bool {
+    /// A batch carrying the ticket settled, or the frame finished ingesting. On the last
+    /// hold, the chunk is acked if it is still waiting (not abandoned, not acked durable)
+    /// and the journal entry is released.
+    pub fn release(&mut self, t: Ticket) -> Settled {
         let slot = &mut self.slots[t as usize];
         slot.holds -= 1;
         if slot.holds > 0 {
-            return false;
+            return Settled::default();
         }
         let link = slot.link.take();
         if let Some(link) = &link {
-            link.ack(&slot.chunk);
+            link.ack(&slot.chunk, slot.bytes);
         }
         self.free.push(t);
-        link.is_some()
+        Settled {
+            acked: link.is_some(),
+            seg: slot.seg.take(),
+        }
     }
 
-    /// Gives up on a chunk whose events will not all be ingested (its connection went
-    /// away mid-frame): no ack will be sent, so the client sends the chunk again.
+    /// Gives up on a frame whose events will not all be ingested (its connection went
+    /// away mid-frame): no ack will be sent, so the client sends the chunk again; and a
+    /// journal entry stays live, so the next start replays it whole.
     pub fn abandon(&mut self, t: Ticket) {
-        if let Some(link) = self.slots[t as usize].link.take() {
-            link.chunk_dropped();
+        let slot = &mut self.slots[t as usize];
+        if let Some(link) = slot.link.take() {
+            link.chunk_dropped(slot.bytes);
         }
+        slot.seg = None;
         self.release(t);
     }
 
@@ -99,13 +160,13 @@ mod tests {
     fn acks_when_the_last_batch_settles() {
         let link = Rc::new(Link::default());
         let mut l = AckLedger::default();
-        let t = l.open(&link, b"c1");
+        let t = l.open(Some((&link, b"c1")), 10, None);
         l.hold(t); // batch A
         l.hold(t); // batch B (fan-out or a seal mid-frame)
-        assert!(!l.release(t)); // frame done
-        assert!(!l.release(t)); // A settled
+        assert!(!l.release(t).acked); // frame done
+        assert!(!l.release(t).acked); // A settled
         assert_eq!(link.outstanding(), 1);
-        assert!(l.release(t)); // B settled
+        assert!(l.release(t).acked); // B settled
         assert_eq!(link.outstanding(), 0);
         let mut want = vec![];
         encode_ack(&mut want, b"c1");
@@ -119,27 +180,72 @@ mod tests {
     fn an_abandoned_chunk_is_never_acked() {
         let link = Rc::new(Link::default());
         let mut l = AckLedger::default();
-        let t = l.open(&link, b"c");
+        let t = l.open(Some((&link, b"c")), 10, None);
         l.hold(t); // a batch took some of its events
         l.abandon(t); // the rest never will be
         assert_eq!(link.outstanding(), 0);
-        assert!(!l.release(t), "the batch settles: no ack is queued");
+        assert!(!l.release(t).acked, "the batch settles: no ack is queued");
         assert!(
             link.take_acks().is_empty(),
             "no ack for a chunk not fully ingested"
         );
         assert_eq!(l.outstanding(), 0);
-        assert_eq!(l.open(&link, b"d"), t, "the slot is free again");
+        assert_eq!(
+            l.open(Some((&link, b"d")), 10, None),
+            t,
+            "the slot is free again"
+        );
     }
 
     #[test]
     fn a_chunk_that_reached_no_batch_acks_at_once() {
         let link = Rc::new(Link::default());
         let mut l = AckLedger::default();
-        let t = l.open(&link, b"x");
-        assert!(l.release(t));
+        let t = l.open(Some((&link, b"x")), 10, None);
+        assert!(l.release(t).acked);
         assert!(!link.take_acks().is_empty());
         // The slot is reused.
-        assert_eq!(l.open(&link, b"y"), t);
+        assert_eq!(l.open(Some((&link, b"y")), 10, None), t);
+    }
+
+    #[test]
+    fn a_durable_chunk_acks_at_its_commit_and_releases_its_entry_at_delivery() {
+        let link = Rc::new(Link::default());
+        let mut l = AckLedger::default();
+        let t = l.open(Some((&link, b"c")), 100, Some(3));
+        let g = l.generation(t);
+        assert_eq!(link.unacked_bytes(), 100);
+        l.hold(t); // a batch
+        assert_eq!(l.release(t), Settled::default()); // frame done
+        assert!(l.durable(t, g), "acked at the commit");
+        assert_eq!(link.unacked_bytes(), 0);
+        assert_eq!(link.outstanding(), 0);
+        assert_eq!(
+            l.release(t),
+            Settled {
+                acked: false,
+                seg: Some(3)
+            },
+            "delivered: the entry goes, with no second ack"
+        );
+        // A commit that ends after delivery, and after the slot was reused, acks nothing.
+        let t2 = l.open(Some((&link, b"d")), 1, None);
+        assert_eq!(t2, t);
+        assert!(!l.durable(t, g));
+        assert!(l.release(t2).acked);
+    }
+
+    #[test]
+    fn an_abandoned_entry_stays_in_the_journal() {
+        let link = Rc::new(Link::default());
+        let mut l = AckLedger::default();
+        let t = l.open(Some((&link, b"c")), 1, Some(1));
+        l.hold(t);
+        l.abandon(t);
+        assert_eq!(
+            l.release(t),
+            Settled::default(),
+            "replayed at the next start"
+        );
     }
 }

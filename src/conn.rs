@@ -9,12 +9,15 @@ use std::rc::Rc;
 use std::task::Waker;
 
 use crate::ack::Ticket;
+use crate::config::{Config, InputKind};
 use crate::decode::forward::{Decoded, Decoder, Event, Scratch};
 use crate::decode::http::{Ingest, Payload, msgpack_records};
 use crate::decode::jsonl::{Framed, JsonParser, Lines, field_str};
 use crate::decode::{DecodeError, EventTime};
 use crate::limits::{JSON_PADDING, READ_CHUNK};
 use crate::shard::{Ingested, Shard};
+use crate::wal::entry::{self, Scanned};
+use crate::wal::{Kind, SegId};
 
 /// A growable read buffer: unread bytes live in `buf[start..end]`, and `pad` bytes past
 /// the usable capacity are always readable (simd-json parses in place and needs them).
@@ -96,8 +99,9 @@ impl ReadBuf {
 pub struct Link {
     /// Encoded `{"ack": chunk}` replies waiting to be written.
     acks: RefCell<Vec<u8>>,
-    /// Chunks received and not yet acked.
+    /// Chunks received and not yet acked, and their bytes.
     outstanding: Cell<u32>,
+    unacked: Cell<usize>,
     waker: Cell<Option<Waker>>,
     /// Waiting in the shard's list of connections to wake when it unblocks.
     pub(crate) parked: Cell<bool>,
@@ -108,25 +112,31 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn chunk_opened(&self) {
+    pub fn chunk_opened(&self, bytes: usize) {
         self.outstanding.set(self.outstanding.get() + 1);
+        self.unacked.set(self.unacked.get() + bytes);
     }
 
-    /// Queues the ack of a settled chunk and wakes the connection to write it.
-    pub fn ack(&self, chunk: &[u8]) {
+    /// Queues the ack of a chunk and wakes the connection to write it.
+    pub fn ack(&self, chunk: &[u8], bytes: usize) {
         crate::ack::encode_ack(&mut self.acks.borrow_mut(), chunk);
-        self.outstanding.set(self.outstanding.get() - 1);
-        self.wake();
+        self.chunk_dropped(bytes);
     }
 
     /// A chunk that will not be acked after all.
-    pub fn chunk_dropped(&self) {
+    pub fn chunk_dropped(&self, bytes: usize) {
         self.outstanding.set(self.outstanding.get() - 1);
+        self.unacked.set(self.unacked.get() - bytes);
         self.wake();
     }
 
     pub fn outstanding(&self) -> u32 {
         self.outstanding.get()
+    }
+
+    /// Bytes of the chunks not yet acked.
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked.get()
     }
 
     /// Ack bytes waiting to be written.
@@ -192,6 +202,10 @@ pub trait Conn {
     /// write): let go of anything held for it.
     fn abandon(&mut self, shard: &mut Shard);
     fn link(&self) -> &Rc<Link>;
+    /// Whether more may be read now: not while the peer has too much unacked.
+    fn may_read(&self) -> bool {
+        true
+    }
 }
 
 /// Bytes processed per turn before a connection yields.
@@ -208,6 +222,8 @@ pub struct ForwardConn {
     need: usize,
     /// A frame whose ingestion paused on backpressure, still first in the buffer.
     paused: Option<Paused>,
+    /// Bytes of unacked chunks at which the connection stops being read.
+    max_unacked: usize,
     link: Rc<Link>,
 }
 
@@ -219,8 +235,14 @@ struct Paused {
 }
 
 impl ForwardConn {
-    pub fn new(max_frame: usize, max_inflated: usize, scratch: Rc<RefCell<Scratch>>) -> Self {
+    pub fn new(
+        max_frame: usize,
+        max_inflated: usize,
+        max_unacked: usize,
+        scratch: Rc<RefCell<Scratch>>,
+    ) -> Self {
         ForwardConn {
+            max_unacked,
             rb: ReadBuf::new(READ_CHUNK, max_frame + READ_CHUNK, 0),
             decoder: Decoder::new(max_frame),
             scratch,
@@ -271,7 +293,10 @@ impl Conn for ForwardConn {
             let (events, ticket, taken) = match resumed {
                 Some(p) => (frame.resume(&scratch, p.taken), p.ticket, p.taken),
                 None => match frame.events(&mut scratch, self.max_inflated) {
-                    Ok(events) => (events, shard.open_frame(&frame, &self.link), 0),
+                    Ok(events) => {
+                        let raw = &self.rb.data()[..len];
+                        (events, shard.open_frame(&frame, &self.link, raw), 0)
+                    }
                     Err(e) => return Progress::Close(e),
                 },
             };
@@ -324,6 +349,10 @@ impl Conn for ForwardConn {
     fn link(&self) -> &Rc<Link> {
         &self.link
     }
+
+    fn may_read(&self) -> bool {
+        self.link.unacked_bytes() < self.max_unacked
+    }
 }
 
 /// Where JSON-lines events get their tag.
@@ -366,19 +395,24 @@ impl Conn for JsonConn {
         self.rb.filled(n);
     }
 
-    /// Events are stamped with the time they are processed.
+    /// Events are stamped with the time they are processed. With a write-ahead log, the
+    /// lines of one call are one journal entry.
     fn process(&mut self, shard: &mut Shard) -> Progress {
         let now = EventTime::now();
         let mut budget = TURN;
-        loop {
+        let mut entry = None;
+        let progress = loop {
             if shard.blocked_for(&self.link) {
-                return Progress::Blocked;
+                break Progress::Blocked;
             }
             if budget == 0 {
-                return Progress::Yield;
+                break Progress::Yield;
             }
             match self.lines.next(self.rb.data()) {
                 Framed::Line { len, consumed } => {
+                    let ticket =
+                        *entry.get_or_insert_with(|| shard.open_lines(self.source.input, now));
+                    shard.journal_line(&self.rb.data()[..len]);
                     let peer = self.link.peer.get();
                     ingest_line(
                         shard,
@@ -388,6 +422,7 @@ impl Conn for JsonConn {
                         &self.source,
                         now,
                         peer,
+                        ticket,
                     );
                     self.rb.consume(consumed);
                     budget = budget.saturating_sub(consumed);
@@ -399,15 +434,21 @@ impl Conn for JsonConn {
                     self.rb.consume(consumed);
                     budget = budget.saturating_sub(consumed);
                 }
-                Framed::NeedMore => return Progress::Read,
+                Framed::NeedMore => break Progress::Read,
             }
+        };
+        if let Some(ticket) = entry {
+            shard.close_frame(ticket);
         }
+        progress
     }
 
     /// An unterminated last line still counts.
     fn finish(&mut self, shard: &mut Shard) {
         if let Some(len) = self.lines.finish(self.rb.data()) {
             let (now, peer) = (EventTime::now(), self.link.peer.get());
+            let ticket = shard.open_lines(self.source.input, now);
+            shard.journal_line(&self.rb.data()[..len]);
             ingest_line(
                 shard,
                 &mut self.parser,
@@ -416,7 +457,9 @@ impl Conn for JsonConn {
                 &self.source,
                 now,
                 peer,
+                ticket,
             );
+            shard.close_frame(ticket);
             self.rb.consume(len);
         }
     }
@@ -444,9 +487,11 @@ pub fn ingest_datagram(
     peer: SocketAddr,
 ) {
     let now = EventTime::now();
+    let ticket = shard.open_lines(source.input, now);
     let mut start = 0;
     while start < len {
         let end = memchr::memchr(b'\n', &buf[start..len]).map_or(len, |i| start + i);
+        shard.journal_line(&buf[start..end]);
         ingest_line(
             shard,
             parser,
@@ -455,9 +500,11 @@ pub fn ingest_datagram(
             source,
             now,
             Some(peer),
+            ticket,
         );
         start = end + 1;
     }
+    shard.close_frame(ticket);
 }
 
 /// Routes the records of one HTTP request, all or none: every record is checked before
@@ -474,7 +521,7 @@ pub fn ingest_http(
     let tag = &req.tag;
     let taken = match req.payload {
         Payload::Json => parser.parse_each(&mut req.records, len, |obj| {
-            shard.ingest_json(input, tag, time, obj);
+            shard.ingest_json(input, tag, time, obj, None);
         }),
         Payload::Msgpack => msgpack_records(&req.records).map(|records| {
             let mut events = records.iter().map(|&record| Event { time, record });
@@ -493,7 +540,212 @@ pub fn ingest_http(
     taken
 }
 
+/// The entries of an earlier run's journal segment, ingested again as a connection's
+/// input is: Forward frames decoded and routed (pausing on backpressure as a connection
+/// does), JSON lines parsed with their input's tag and the time they were first read.
+pub struct Replay {
+    buf: Vec<u8>,
+    at: usize,
+    seg: SegId,
+    path: std::path::PathBuf,
+    decoder: Decoder,
+    scratch: Scratch,
+    parser: JsonParser,
+    /// A JSON-lines entry's payload, copied with simd-json's padding.
+    lines: Vec<u8>,
+    paused: Option<Paused>,
+    /// By input: the Forward inflate limit, or the JSON-lines tag source.
+    inputs: Vec<ReplayInput>,
+    link: Rc<Link>,
+}
+
+enum ReplayInput {
+    Forward { max_inflated: usize },
+    Json(JsonSource),
+    Other,
+}
+
+impl Replay {
+    pub fn new(cfg: &Config, buf: Vec<u8>, seg: SegId, path: std::path::PathBuf) -> Self {
+        let inputs = cfg
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| match &input.kind {
+                InputKind::Forward {
+                    max_decompressed_bytes,
+                    ..
+                } => ReplayInput::Forward {
+                    max_inflated: *max_decompressed_bytes,
+                },
+                InputKind::JsonLines { tag, tag_key, .. } => ReplayInput::Json(JsonSource {
+                    input: i,
+                    tag: tag.clone(),
+                    tag_key: tag_key.clone(),
+                }),
+                InputKind::Http { .. } => ReplayInput::Other,
+            })
+            .collect();
+        Replay {
+            buf,
+            at: 0,
+            seg,
+            path,
+            decoder: Decoder::new(crate::limits::MAX_FRAME_CEILING),
+            scratch: Scratch::default(),
+            parser: JsonParser::default(),
+            lines: Vec::new(),
+            paused: None,
+            inputs,
+            link: Rc::new(Link::default()),
+        }
+    }
+
+    pub fn link(&self) -> &Rc<Link> {
+        &self.link
+    }
+
+    fn damaged(&self, shard: &mut Shard, at: usize, bytes: usize, why: &str) {
+        if let Some(j) = shard.journal() {
+            j.counts.damaged += 1;
+        }
+        tracing::warn!(
+            core = shard.core,
+            path = %self.path.display(),
+            offset = at,
+            bytes,
+            why,
+            "Skipping damaged bytes of a write-ahead log segment"
+        );
+    }
+
+    /// Ingests entries until the segment ends (`Read`), the shard is blocked, or a
+    /// turn's worth is done.
+    pub fn process(&mut self, shard: &mut Shard) -> Progress {
+        let mut budget = TURN;
+        loop {
+            if shard.blocked_for(&self.link) {
+                return Progress::Blocked;
+            }
+            if budget == 0 {
+                return Progress::Yield;
+            }
+            let (entry, next) = match entry::scan(&self.buf, self.at) {
+                Scanned::Entry { entry, next } => (entry, next),
+                Scanned::Corrupt { at, next, why } => {
+                    self.damaged(shard, at, next - at, why);
+                    self.at = next;
+                    continue;
+                }
+                Scanned::Torn { at } => {
+                    self.damaged(shard, at, self.buf.len() - at, "torn tail");
+                    self.at = self.buf.len();
+                    continue;
+                }
+                Scanned::End => return Progress::Read,
+            };
+            budget = budget.saturating_sub(next - self.at);
+            // An input renamed or removed since: its events still go out, counted as the
+            // first input's.
+            let input = shard.input_named(entry.input);
+            match entry.kind {
+                Kind::Forward => {
+                    let max_inflated = match input.map(|i| &self.inputs[i]) {
+                        Some(ReplayInput::Forward { max_inflated }) => *max_inflated,
+                        _ => 64 << 20,
+                    };
+                    let frame = match self.decoder.decode(entry.payload) {
+                        Ok(Decoded::Frame(frame, _)) => frame,
+                        _ => {
+                            self.damaged(shard, self.at, next - self.at, "not a Forward frame");
+                            self.at = next;
+                            continue;
+                        }
+                    };
+                    let resumed = self.paused.take();
+                    let (events, ticket, taken) = match resumed {
+                        Some(p) => (frame.resume(&self.scratch, p.taken), p.ticket, p.taken),
+                        None => match frame.events(&mut self.scratch, max_inflated) {
+                            Ok(events) => (events, Some(shard.open_replayed(self.seg)), 0),
+                            Err(_) => {
+                                self.damaged(shard, self.at, next - self.at, "undecodable frame");
+                                self.at = next;
+                                continue;
+                            }
+                        },
+                    };
+                    match shard.ingest_forward(input.unwrap_or(0), &frame, events, ticket) {
+                        Ingested::All => {
+                            shard.close_frame(ticket);
+                            if resumed.is_some() {
+                                shard.end_pause();
+                            }
+                            self.at = next;
+                        }
+                        Ingested::Paused(n) => {
+                            self.paused = Some(Paused {
+                                taken: taken + n,
+                                ticket,
+                            });
+                            shard.pause_frame(&self.link);
+                            return Progress::Blocked;
+                        }
+                    }
+                }
+                Kind::JsonLines => {
+                    let fallback;
+                    let source = match input.map(|i| &self.inputs[i]) {
+                        Some(ReplayInput::Json(s)) => s,
+                        _ => {
+                            fallback = JsonSource {
+                                input: input.unwrap_or(0),
+                                tag: entry.input.to_string(),
+                                tag_key: None,
+                            };
+                            &fallback
+                        }
+                    };
+                    self.lines.clear();
+                    self.lines.extend_from_slice(entry.payload);
+                    let len = self.lines.len();
+                    self.lines.resize(len + JSON_PADDING, 0);
+                    let ticket = Some(shard.open_replayed(self.seg));
+                    let mut start = 0;
+                    while start < len {
+                        let end = memchr::memchr(b'\n', &self.lines[start..len])
+                            .map_or(len, |i| start + i);
+                        if end > start {
+                            ingest_line(
+                                shard,
+                                &mut self.parser,
+                                &mut self.lines[start..],
+                                end - start,
+                                source,
+                                entry.time,
+                                None,
+                                ticket,
+                            );
+                        }
+                        start = end + 1;
+                    }
+                    shard.close_frame(ticket);
+                    self.at = next;
+                }
+            }
+        }
+    }
+
+    /// Lets go of a frame paused half-way: its entry stays live, for the next start.
+    pub fn abandon(&mut self, shard: &mut Shard) {
+        if let Some(p) = self.paused.take() {
+            shard.abandon_frame(p.ticket);
+            shard.end_pause();
+        }
+    }
+}
+
 /// Parses one line in place and hands its event to the shard, or counts why not.
+#[allow(clippy::too_many_arguments)]
 fn ingest_line(
     shard: &mut Shard,
     parser: &mut JsonParser,
@@ -502,6 +754,7 @@ fn ingest_line(
     source: &JsonSource,
     now: EventTime,
     peer: Option<SocketAddr>,
+    ticket: Option<Ticket>,
 ) {
     let r = parser.parse(buf, len, |obj| {
         let tag = source
@@ -509,7 +762,7 @@ fn ingest_line(
             .as_deref()
             .and_then(|k| field_str(obj, k))
             .unwrap_or(&source.tag);
-        shard.ingest_json(source.input, tag, now, obj);
+        shard.ingest_json(source.input, tag, now, obj, ticket);
     });
     if let Err(e) = r {
         shard.refused(e, "Skipping a line", peer);

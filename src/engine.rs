@@ -120,6 +120,16 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
     let stop = Arc::new(stop);
     watch_signals(stop.clone(), status.clone())?;
 
+    // Each core replays the segments of `core-N` for N % workers == core.
+    let mut replay: Vec<Vec<std::path::PathBuf>> = vec![Vec::new(); workers];
+    if let Some(w) = &cfg.wal {
+        let found = crate::wal::list(&w.dir).map_err(|e| {
+            EngineError::Start(format!("wal.dir: cannot read {}: {e}", w.dir.display()))
+        })?;
+        for (n, segs) in found {
+            replay[n % workers].extend(segs);
+        }
+    }
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut cores = Vec::new();
@@ -140,6 +150,7 @@ pub fn run(cfg: Config) -> Result<(), EngineError> {
             shutdown: stop_rx.clone(),
             ready: ready_tx.clone(),
             http: jobs_rx,
+            replay: std::mem::take(&mut replay[core]),
         };
         let handle = match io {
             IoBackend::Epoll => epoll::start(ctx, cpu),

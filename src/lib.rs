@@ -22,6 +22,7 @@ pub mod ring;
 pub mod route;
 pub mod shard;
 pub mod shards;
+pub mod wal;
 
 /// Forward frames built with rmp and rmpv, shared with the integration tests and benches.
 #[cfg(test)]

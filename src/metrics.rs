@@ -68,6 +68,19 @@ counters!(
         /// Events read but not confirmed delivered when the drain deadline came (set once,
         /// at shutdown).
         events_undelivered,
+        /// Write-ahead log: entries journaled, their bytes, and group commits.
+        wal_entries,
+        wal_bytes,
+        wal_commits,
+        /// Entries read back and ingested again at start-up.
+        wal_replayed,
+        /// Damaged entries skipped at start-up.
+        wal_damaged,
+        /// Bytes of unsettled entries dropped by `full = "drop_oldest"`.
+        wal_dropped_bytes,
+        wal_write_errors,
+        /// Bytes of the live segments (a gauge).
+        wal_live_bytes,
     }
 );
 
@@ -261,6 +274,14 @@ fn core_help(field: &str) -> &'static str {
         "ring_batches" => "Sealed batches in the cores' rings, waiting for the emitter",
         "held_batches" => "Sealed batches held back for want of ring room or memory budget",
         "events_undelivered" => "Events not confirmed delivered at the drain deadline",
+        "wal_entries" => "Entries written to the write-ahead log",
+        "wal_bytes" => "Bytes written to the write-ahead log",
+        "wal_commits" => "Group commits (write and fdatasync) of the write-ahead log",
+        "wal_replayed" => "Write-ahead log entries replayed at start-up",
+        "wal_damaged" => "Damaged write-ahead log entries skipped at start-up",
+        "wal_dropped_bytes" => "Unsettled write-ahead log bytes dropped when it was full",
+        "wal_write_errors" => "Write-ahead log commits that failed and were retried",
+        "wal_live_bytes" => "Bytes of the write-ahead log not yet settled",
         _ => "",
     }
 }
@@ -323,7 +344,7 @@ impl Collector for Scrape {
             .clone();
         for (k, v) in t.core.fields() {
             match k {
-                "ring_batches" | "held_batches" => {
+                "ring_batches" | "held_batches" | "wal_live_bytes" => {
                     gauge(&mut e, &format!("sluice_{k}"), core_help(k), v)?
                 }
                 _ => counter(&mut e, &format!("sluice_{k}"), core_help(k), v)?,

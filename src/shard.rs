@@ -6,14 +6,17 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::ack::{AckLedger, Ticket};
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use crate::ack::{AckLedger, Settled, Ticket};
+use crate::wal::{Journal, Kind, SegId};
 
 use crate::batch::records::Framing;
 use crate::batch::shape::{Encoded, Out, Shape, msgpack_field};
 use crate::batch::{Batch, Batcher};
 use crate::budget::Budget;
-use crate::config::Config;
+use crate::config::{AckPolicy, Config, InputKind};
 use crate::conn::Link;
 use crate::decode::forward::{Event, Events, Frame};
 use crate::decode::jsonl::Object;
@@ -102,6 +105,13 @@ pub struct Shard {
     per_input: Vec<InputCounters>,
     /// Events each route took, indexed as the config's routes.
     route_events: Vec<u64>,
+    /// The write-ahead log, if there is one.
+    journal: Option<Journal>,
+    /// By input: its name (for journal entries), and whether its chunks are acked when
+    /// they are durable rather than delivered.
+    inputs: Vec<(Box<str>, bool)>,
+    /// Durable chunks waiting for their group commit: (entry serial, ticket, generation).
+    durable_waits: VecDeque<(u64, Ticket, u32)>,
 }
 
 impl Shard {
@@ -156,14 +166,116 @@ impl Shard {
             warn: Warnings::default(),
             per_input: vec![InputCounters::default(); cfg.inputs.len()],
             route_events: vec![0; cfg.routes.len()],
+            journal: None,
+            inputs: cfg
+                .inputs
+                .iter()
+                .map(|i| {
+                    let durable = matches!(
+                        i.kind,
+                        InputKind::Forward {
+                            ack: AckPolicy::Durable,
+                            ..
+                        }
+                    );
+                    (i.name.as_str().into(), durable)
+                })
+                .collect(),
+            durable_waits: VecDeque::new(),
         }
     }
 
-    /// Starts ingesting a Forward frame: counts it and opens its chunk, if any, in the ack
-    /// ledger with the frame's own hold, which [`Shard::close_frame`] releases.
-    pub fn open_frame(&mut self, frame: &Frame<'_>, link: &Rc<Link>) -> Option<Ticket> {
+    /// Journals what this core reads from now on.
+    pub fn set_journal(&mut self, j: Journal) {
+        self.journal = Some(j);
+    }
+
+    pub fn journal(&mut self) -> Option<&mut Journal> {
+        self.journal.as_mut()
+    }
+
+    /// The index of the input called `name`, if the config still has it.
+    pub fn input_named(&self, name: &str) -> Option<usize> {
+        self.inputs.iter().position(|(n, _)| &**n == name)
+    }
+
+    /// Starts ingesting a Forward frame (`raw`, as it came): counts it, journals it where
+    /// that is what protects it, and opens its ticket, if it needs one, with the frame's
+    /// own hold, which [`Shard::close_frame`] releases.
+    ///
+    /// A frame is journaled unless its chunk is acked `delivered`: then the client keeps
+    /// it until the ack, and sends it again after a crash, so a journaled copy would only
+    /// be a duplicate.
+    pub fn open_frame(&mut self, frame: &Frame<'_>, link: &Rc<Link>, raw: &[u8]) -> Option<Ticket> {
         self.counters.frames_in += 1;
-        frame.chunk.map(|c| self.ledger.open(link, c))
+        let (name, durable) = &self.inputs[link.input.get()];
+        let entry = match &mut self.journal {
+            Some(j) if frame.chunk.is_none() || *durable => {
+                Some(j.append(Kind::Forward, name, EventTime::now(), raw))
+            }
+            _ => None,
+        };
+        if frame.chunk.is_none() && entry.is_none() {
+            return None;
+        }
+        let ack = frame.chunk.map(|c| (link, c));
+        let t = self.ledger.open(ack, raw.len(), entry.map(|e| e.0));
+        if let (Some((_, serial)), Some(_), true) = (entry, frame.chunk, *durable) {
+            self.durable_waits
+                .push_back((serial, t, self.ledger.generation(t)));
+        }
+        Some(t)
+    }
+
+    /// Starts a journal entry for JSON lines read on `input` at `time` (with a WAL):
+    /// [`Shard::journal_line`] adds each line before it is parsed, and
+    /// [`Shard::close_frame`] ends it.
+    pub fn open_lines(&mut self, input: usize, time: EventTime) -> Option<Ticket> {
+        let j = self.journal.as_mut()?;
+        let (seg, _) = j.begin(Kind::JsonLines, &self.inputs[input].0, time);
+        Some(self.ledger.open(None, 0, Some(seg)))
+    }
+
+    /// Adds one line (without its newline) to the open JSON-lines entry.
+    #[inline]
+    pub fn journal_line(&mut self, line: &[u8]) {
+        if let Some(j) = &mut self.journal {
+            j.extend(line);
+            j.extend(b"\n");
+        }
+    }
+
+    /// Opens the ticket of an entry read back at start-up from segment `seg`.
+    pub fn open_replayed(&mut self, seg: SegId) -> Ticket {
+        if let Some(j) = &mut self.journal {
+            j.hold(seg);
+        }
+        self.counters.wal_replayed += 1;
+        self.ledger.open(None, 0, Some(seg))
+    }
+
+    /// A group commit ended: the durable chunks up to `upto` are acked.
+    pub fn synced(&mut self, upto: u64) {
+        while let Some(&(serial, t, generation)) = self.durable_waits.front() {
+            if serial > upto {
+                break;
+            }
+            self.durable_waits.pop_front();
+            if self.ledger.durable(t, generation) {
+                self.counters.acks_sent += 1;
+            }
+        }
+    }
+
+    /// Settles one hold of a ticket: an ack, a journal entry released, or neither.
+    fn settle(&mut self, t: Ticket) {
+        let Settled { acked, seg } = self.ledger.release(t);
+        if acked {
+            self.counters.acks_sent += 1;
+        }
+        if let (Some(seg), Some(j)) = (seg, &mut self.journal) {
+            j.release(seg);
+        }
     }
 
     /// Routes a frame's events and encodes them into their sinks' batches, until they run
@@ -229,10 +341,11 @@ impl Shard {
     /// Finishes a frame: releases its hold on its chunk, which is acked once the batches
     /// holding its events settle.
     pub fn close_frame(&mut self, ticket: Option<Ticket>) {
-        if let Some(t) = ticket
-            && self.ledger.release(t)
-        {
-            self.counters.acks_sent += 1;
+        if let Some(t) = ticket {
+            if let Some(j) = &mut self.journal {
+                j.end();
+            }
+            self.settle(t);
         }
     }
 
@@ -260,8 +373,16 @@ impl Shard {
         }
     }
 
-    /// Routes one JSON-lines event and encodes it into its sinks' batches.
-    pub fn ingest_json(&mut self, input: usize, tag: &str, time: EventTime, obj: Object<'_, '_>) {
+    /// Routes one JSON-lines event and encodes it into its sinks' batches; `ticket` is
+    /// its journal entry's, if it has one.
+    pub fn ingest_json(
+        &mut self,
+        input: usize,
+        tag: &str,
+        time: EventTime,
+        obj: Object<'_, '_>,
+        ticket: Option<Ticket>,
+    ) {
         let Some(r) = self.router.route(tag) else {
             self.count_in(input, None, 1);
             self.unmatched(tag, 1);
@@ -274,10 +395,13 @@ impl Shard {
             let key = self.key_fields[s]
                 .as_deref()
                 .and_then(|f| crate::decode::jsonl::field_str(obj, f).map(str::as_bytes));
-            let w = self.batchers[s].write(None, |out| Out {
+            let w = self.batchers[s].write(ticket, |out| Out {
                 encoded: shape.encode_json(out, tag, time, obj),
                 key,
             });
+            if let (true, Some(t)) = (w.new_hold, ticket) {
+                self.ledger.hold(t);
+            }
             if w.encoded == Encoded::MissingLogKey {
                 self.counters.missing_log_key += 1;
             }
@@ -351,6 +475,7 @@ impl Shard {
     #[inline]
     pub fn blocked(&self) -> bool {
         self.batchers.iter().any(Batcher::blocked)
+            || self.journal.as_ref().is_some_and(Journal::blocks)
     }
 
     /// Whether this connection must wait: batches are held, or another connection is in
@@ -406,17 +531,15 @@ impl Shard {
         if !self.pump.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             self.pump = Some(cx.waker().clone());
         }
-        for (s, done) in self.done.iter().enumerate() {
-            while let Poll::Ready(Some(batch)) = done.poll_pop(cx) {
+        for s in 0..self.done.len() {
+            while let Poll::Ready(Some(batch)) = self.done[s].poll_pop(cx) {
                 for &t in &batch.tickets {
-                    if self.ledger.release(t) {
-                        self.counters.acks_sent += 1;
-                    }
+                    self.settle(t);
                 }
                 self.batchers[s].recycle(batch);
             }
         }
-        let mut blocked = false;
+        let mut blocked = self.journal.as_ref().is_some_and(Journal::blocks);
         for b in &mut self.batchers {
             blocked |= b.poll_push(cx).is_pending();
         }
@@ -443,7 +566,11 @@ impl Shard {
     /// Seals the open batches that hold chunks still to be acked. A connection calls this
     /// when it has read everything and waits on acks: its sender is then most likely
     /// blocked on them, so lingering would only add latency.
-    pub fn seal_for_acks(&mut self) {
+    pub fn seal_for_acks(&mut self, link: &Link) {
+        // Durable acks wait on the group commit, not on delivery.
+        if self.inputs[link.input.get()].1 && self.journal.is_some() {
+            return;
+        }
         for b in &mut self.batchers {
             b.seal_if_acks_wait();
         }
@@ -502,6 +629,16 @@ impl Shard {
             let (ring, held) = b.queued();
             counters.ring_batches += ring as u64;
             counters.held_batches += held as u64;
+        }
+        if let Some(j) = &self.journal {
+            let c = j.counts;
+            counters.wal_entries = c.entries;
+            counters.wal_bytes = c.bytes;
+            counters.wal_commits = c.commits;
+            counters.wal_damaged = c.damaged;
+            counters.wal_dropped_bytes = c.dropped_bytes;
+            counters.wal_write_errors = c.write_errors;
+            counters.wal_live_bytes = j.size().1;
         }
         counters
     }
@@ -603,6 +740,7 @@ mod tests {
             vec![CoreSink::stream(batches, done, Budget::unlimited())],
         );
         let conn = ForwardConn::new(
+            64 << 20,
             64 << 20,
             64 << 20,
             Rc::new(RefCell::new(Scratch::default())),

@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -108,6 +110,32 @@ impl Runtime for Epoll {
     async fn yield_if_needed() {
         tokio::task::yield_now().await;
     }
+
+    type File = Arc<std::fs::File>;
+
+    async fn create(path: &Path) -> io::Result<Arc<std::fs::File>> {
+        let path = path.to_owned();
+        blocking(move || std::fs::File::create(path).map(Arc::new)).await
+    }
+
+    async fn write_sync(f: &Arc<std::fs::File>, buf: &[u8], pos: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (f, buf) = (f.clone(), buf.to_vec());
+        blocking(move || {
+            f.write_all_at(&buf, pos)?;
+            f.sync_data()
+        })
+        .await
+    }
+}
+
+/// Runs file I/O on tokio's blocking threads, off the core.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
 }
 
 /// Starts one core on its own thread and current-thread tokio runtime.

@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,13 +17,14 @@ use super::CoreSockets;
 use super::http::Job;
 use crate::config::{Config, InputKind};
 use crate::conn::{
-    Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, ingest_datagram, ingest_http,
+    Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, Replay, ingest_datagram, ingest_http,
 };
 use crate::decode::forward::Scratch;
 use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
 use crate::metrics::Reporter;
 use crate::shard::{CoreSink, Phase, Shard};
+use crate::wal::{Commit, Journal, SegId};
 
 /// What an I/O backend gives the per-core loop: SO_REUSEPORT listeners, streams read and
 /// written by polling, datagram sockets, local tasks and timers. Every call happens on
@@ -64,6 +66,13 @@ pub trait Runtime: 'static {
     fn sleep(d: Duration) -> impl Future<Output = ()>;
     /// Lets the core's other tasks run if this one has had its share.
     fn yield_if_needed() -> impl Future<Output = ()>;
+
+    /// A journal segment file, written at positions and synced.
+    type File: 'static;
+    /// Creates (or truncates) a file for writing.
+    fn create(path: &Path) -> impl Future<Output = io::Result<Self::File>>;
+    /// Writes all of `buf` at `pos`, then fdatasyncs.
+    fn write_sync(f: &Self::File, buf: &[u8], pos: u64) -> impl Future<Output = io::Result<()>>;
 }
 
 /// Everything one core starts from.
@@ -77,6 +86,8 @@ pub struct CoreCtx {
     pub ready: crossbeam_channel::Sender<Result<(), String>>,
     /// Requests of the HTTP inputs, for this core to route.
     pub http: tokio::sync::mpsc::Receiver<Job>,
+    /// An earlier run's journal segments for this core to replay, oldest first.
+    pub replay: Vec<std::path::PathBuf>,
 }
 
 type Shared = Rc<RefCell<Shard>>;
@@ -92,10 +103,23 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         mut shutdown,
         ready,
         http,
+        replay: segments,
     } = ctx;
     let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
+    if let Some(w) = &cfg.wal {
+        match Journal::new(core, w) {
+            Ok(j) => shard.borrow_mut().set_journal(j),
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "wal.dir: core {core} cannot use {}: {e}",
+                    w.dir.display()
+                )));
+                return;
+            }
+        }
+    }
     let tasks = Tasks::default();
-    let mut inputs = Vec::new();
+    let mut listeners = Vec::new();
     for (i, addr) in sockets.tcp {
         let input = &cfg.inputs[i];
         let listener = match R::listen(addr) {
@@ -108,16 +132,9 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
                 return;
             }
         };
-        let limit = input.max_connections.div_ceil(cfg.engine.workers);
-        inputs.push(R::spawn(accept::<R>(
-            listener,
-            i,
-            input.kind.clone(),
-            limit,
-            shard.clone(),
-            tasks.clone(),
-        )));
+        listeners.push((i, listener));
     }
+    let mut datagram_socks = Vec::new();
     for (i, sock) in sockets.udp {
         let sock = match R::datagram(sock) {
             Ok(s) => s,
@@ -129,13 +146,8 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
                 return;
             }
         };
-        let source = match Proto::of(i, &cfg.inputs[i].kind) {
-            Proto::Json { source, .. } => Some(source),
-            Proto::Forward { .. } => None,
-        };
-        inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
+        datagram_socks.push((i, sock));
     }
-    inputs.push(R::spawn(http_jobs(http, shard.clone())));
     let report_every = cfg.engine.stats_interval.min(Duration::from_secs(1));
     let pump = R::spawn(pump::<R>(
         shard.clone(),
@@ -143,9 +155,54 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         Shard::tick(&cfg),
         report_every,
     ));
+    let journal_stop = Rc::new(Cell::new(false));
+    let journal_done = Rc::new(Cell::new(cfg.wal.is_none()));
+    if cfg.wal.is_some() {
+        R::spawn_detached(journal::<R>(
+            shard.clone(),
+            journal_stop.clone(),
+            journal_done.clone(),
+        ));
+    }
     let _ = ready.send(Ok(()));
 
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    // What an earlier run left undelivered goes first; new connections wait in the
+    // listeners' backlogs meanwhile.
+    let stopped = futures_lite::future::or(
+        async {
+            replay::<R>(&shard, &cfg, segments).await;
+            false
+        },
+        async {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            true
+        },
+    )
+    .await;
+    let mut inputs = Vec::new();
+    if !stopped {
+        for (i, listener) in listeners {
+            let input = &cfg.inputs[i];
+            let limit = input.max_connections.div_ceil(cfg.engine.workers);
+            inputs.push(R::spawn(accept::<R>(
+                listener,
+                i,
+                input.kind.clone(),
+                limit,
+                shard.clone(),
+                tasks.clone(),
+            )));
+        }
+        for (i, sock) in datagram_socks {
+            let source = match Proto::of(i, &cfg.inputs[i].kind) {
+                Proto::Json { source, .. } => Some(source),
+                Proto::Forward { .. } => None,
+            };
+            inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
+        }
+        inputs.push(R::spawn(http_jobs(http, shard.clone())));
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    }
 
     // The documented order: stop accepting, read open connections for the input grace,
     // seal everything, drain until the deadline, write the final acks, leave. The whole
@@ -166,21 +223,151 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     if !shard.borrow().idle() {
         let (batches, events, chunks) = shard.borrow().unsettled();
         shard.borrow_mut().counters.events_undelivered = events;
-        tracing::error!(
-            core,
-            events,
-            batches,
-            chunks,
-            "Drain deadline reached: {events} events read here (counted once per sink) are not confirmed delivered. Senders that use acks send their {chunks} unacked chunks again; events from other senders are lost"
-        );
+        if cfg.wal.is_some() {
+            tracing::warn!(
+                core,
+                events,
+                batches,
+                chunks,
+                "Drain deadline reached: {events} events read here (counted once per sink) are not confirmed delivered; they stay in the write-ahead log and are sent at the next start"
+            );
+        } else {
+            tracing::error!(
+                core,
+                events,
+                batches,
+                chunks,
+                "Drain deadline reached: {events} events read here (counted once per sink) are not confirmed delivered. Senders that use acks send their {chunks} unacked chunks again; events from other senders are lost"
+            );
+        }
     }
     shard.borrow_mut().set_phase(Phase::Closing);
     // Every connection now writes what acks it has and ends.
     while tasks.0.get() > 0 {
         R::sleep(Duration::from_millis(1)).await;
     }
+    // The last group commit, then the settled segments go.
+    journal_stop.set(true);
+    let last = Instant::now() + FINAL_MARGIN / 2;
+    while !journal_done.get() && Instant::now() < last {
+        R::sleep(Duration::from_millis(1)).await;
+    }
+    if let Some(j) = shard.borrow_mut().journal() {
+        j.close();
+    }
     R::cancel(pump).await;
     shard.borrow().report(&reporter);
+}
+
+/// The core's group commits: every `sync_interval`, or once `sync_bytes` are pending, the
+/// pending entries are written and synced, and the durable chunks among them acked.
+/// Ends, after a last commit, once `stop` is set.
+async fn journal<R: Runtime>(shard: Shared, stop: Rc<Cell<bool>>, done: Rc<Cell<bool>>) {
+    let interval = match shard.borrow_mut().journal() {
+        Some(j) => j.sync_interval(),
+        None => return done.set(true),
+    };
+    let mut file: Option<(SegId, R::File)> = None;
+    loop {
+        let due = shard
+            .borrow_mut()
+            .journal()
+            .and_then(|j| j.until_due(Instant::now()));
+        match due {
+            None if stop.get() => break,
+            None => {
+                R::sleep(interval.min(Duration::from_millis(10))).await;
+                continue;
+            }
+            Some(d) if !d.is_zero() && !stop.get() => {
+                futures_lite::future::or(
+                    R::sleep(d),
+                    poll_fn(|cx| match shard.borrow_mut().journal() {
+                        Some(j) => j.poll_bytes(cx),
+                        None => Poll::Ready(()),
+                    }),
+                )
+                .await;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let Some(commit) = shard.borrow_mut().journal().and_then(Journal::take_commit) else {
+            continue;
+        };
+        while let Err(e) = write_commit::<R>(&commit, &mut file).await {
+            {
+                let mut s = shard.borrow_mut();
+                let core = s.core;
+                if let Some(j) = s.journal() {
+                    j.counts.write_errors += 1;
+                }
+                tracing::error!(core, error = %e, "Writing the write-ahead log failed; retrying in 1s (durable acks wait)");
+            }
+            file = None;
+            R::sleep(Duration::from_secs(1)).await;
+        }
+        let mut s = shard.borrow_mut();
+        if let Some(upto) = s.journal().map(|j| j.committed(&commit)) {
+            s.synced(upto);
+        }
+    }
+    done.set(true);
+}
+
+/// Writes and syncs each piece of a commit, opening segment files as they begin.
+async fn write_commit<R: Runtime>(
+    c: &Commit,
+    file: &mut Option<(SegId, R::File)>,
+) -> io::Result<()> {
+    for p in &c.pieces {
+        if file.as_ref().map(|f| f.0) != Some(p.seg) {
+            let f = R::create(&p.path).await?;
+            // The new file's name must survive a power cut as well as its data.
+            if let Some(dir) = p.path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            *file = Some((p.seg, f));
+        }
+        let (_, f) = file.as_ref().expect("just opened");
+        R::write_sync(f, &p.buf, p.pos).await?;
+    }
+    Ok(())
+}
+
+/// Ingests an earlier run's segments again, one at a time, as connections would: each is
+/// deleted once everything in it is settled.
+async fn replay<R: Runtime>(shard: &Shared, cfg: &Config, segments: Vec<std::path::PathBuf>) {
+    for path in segments {
+        let core = shard.borrow().core;
+        let buf = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(core, path = %path.display(), error = %e, "Cannot read a write-ahead log segment; it is left in place");
+                continue;
+            }
+        };
+        let Some(seg) = shard
+            .borrow_mut()
+            .journal()
+            .map(|j| j.adopt(path.clone(), buf.len() as u64))
+        else {
+            return;
+        };
+        tracing::info!(core, path = %path.display(), bytes = buf.len(), "Replaying a write-ahead log segment");
+        let mut r = Replay::new(cfg, buf, seg, path);
+        loop {
+            let progress = r.process(&mut shard.borrow_mut());
+            match progress {
+                Progress::Read => break,
+                Progress::Blocked => unblocked(r.link(), shard).await,
+                _ => R::yield_if_needed().await,
+            }
+        }
+        if let Some(j) = shard.borrow_mut().journal() {
+            j.replayed(seg);
+        }
+    }
 }
 
 /// What the drain leaves of drain_timeout for the final acks, the sinks' last answers
@@ -219,6 +406,7 @@ enum Proto {
     Forward {
         max_frame: usize,
         max_inflated: usize,
+        max_unacked: usize,
     },
     Json {
         max_line: usize,
@@ -232,10 +420,12 @@ impl Proto {
             InputKind::Forward {
                 max_frame_bytes,
                 max_decompressed_bytes,
+                max_unacked_bytes,
                 ..
             } => Proto::Forward {
                 max_frame: *max_frame_bytes,
                 max_inflated: *max_decompressed_bytes,
+                max_unacked: *max_unacked_bytes,
             },
             InputKind::JsonLines {
                 max_line_bytes,
@@ -308,8 +498,10 @@ async fn accept<R: Runtime>(
             Proto::Forward {
                 max_frame,
                 max_inflated,
+                max_unacked,
             } => {
-                let conn = ForwardConn::new(*max_frame, *max_inflated, scratch.clone());
+                let conn =
+                    ForwardConn::new(*max_frame, *max_inflated, *max_unacked, scratch.clone());
                 R::spawn_detached(async move {
                     serve::<R, _>(stream, input, conn, &shard).await;
                     open.set(open.get() - 1);
@@ -365,7 +557,7 @@ async fn serve<R: Runtime, C: Conn>(
                     R::yield_if_needed().await;
                     continue;
                 }
-                Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(),
+                Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(&link),
                 Progress::Read | Progress::Blocked => {}
             }
             let blocked = progress == Progress::Blocked;
@@ -427,6 +619,10 @@ fn poll_conn<R: Runtime, C: Conn>(
     }
     // A peer that does not read its acks stops being read; the pending write wakes us.
     if link.pending_acks() > MAX_PENDING_ACKS {
+        return Poll::Pending;
+    }
+    // Nor is a peer with max_unacked_bytes outstanding; its next ack wakes us.
+    if !conn.may_read() {
         return Poll::Pending;
     }
     match R::poll_read(stream, cx, conn.read_buf()) {

@@ -4,11 +4,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::io::BufferedFile;
 use glommio::net::{TcpListener, TcpStream, UdpSocket};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -83,6 +85,25 @@ impl Runtime for Uring {
 
     async fn yield_if_needed() {
         glommio::yield_if_needed().await;
+    }
+
+    type File = BufferedFile;
+
+    async fn create(path: &Path) -> io::Result<BufferedFile> {
+        BufferedFile::create(path).await.map_err(io::Error::from)
+    }
+
+    async fn write_sync(f: &BufferedFile, buf: &[u8], pos: u64) -> io::Result<()> {
+        // glommio owns a write's buffer until it completes: a copy per group commit.
+        let mut done = 0;
+        while done < buf.len() {
+            let n = f.write_at(buf[done..].to_vec(), pos + done as u64).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            done += n;
+        }
+        f.fdatasync().await.map_err(io::Error::from)
     }
 }
 

@@ -45,6 +45,17 @@ struct FileConfig {
     sinks: BTreeMap<String, toml::Table>,
     #[serde(default)]
     routes: Vec<toml::Table>,
+    wal: Option<WalFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WalFile {
+    dir: PathBuf,
+    sync_interval: Option<Dur>,
+    sync_bytes: Option<Size>,
+    max_bytes: Option<Size>,
+    full: Option<WalFull>,
 }
 
 #[derive(Deserialize, Default)]
@@ -69,6 +80,8 @@ struct ForwardFile {
     max_decompressed_bytes: Option<Size>,
     heartbeat: Option<bool>,
     max_connections: Option<usize>,
+    ack: Option<AckPolicy>,
+    max_unacked_bytes: Option<Size>,
 }
 
 #[derive(Deserialize)]
@@ -252,6 +265,40 @@ pub struct Config {
     pub inputs: Vec<Input>,
     pub sinks: Vec<Sink>,
     pub routes: Vec<Route>,
+    /// The write-ahead log, if one is configured.
+    pub wal: Option<Wal>,
+}
+
+/// `[wal]`: where and how often what is read is journaled.
+#[derive(Clone, Debug)]
+pub struct Wal {
+    pub dir: PathBuf,
+    /// Group commit: entries are written and synced at least this often...
+    pub sync_interval: Duration,
+    /// ...or as soon as this many bytes are pending.
+    pub sync_bytes: usize,
+    /// The most the journal holds on disk.
+    pub max_bytes: u64,
+    pub full: WalFull,
+}
+
+/// What a full write-ahead log does: `"block"` (the default) stops reading until
+/// deliveries free space; `"drop_oldest"` deletes its oldest segment, counted and logged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalFull {
+    #[default]
+    Block,
+    DropOldest,
+}
+
+/// When a Forward chunk is acked: `"durable"` once it is in the write-ahead log (the
+/// default with a `[wal]`), `"delivered"` once every sink has it (the default without).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckPolicy {
+    Durable,
+    Delivered,
 }
 
 #[derive(Clone, Debug)]
@@ -312,6 +359,9 @@ pub enum InputKind {
         max_decompressed_bytes: usize,
         /// Answer UDP heartbeats on the same port.
         heartbeat: bool,
+        ack: AckPolicy,
+        /// Bytes of chunks a connection may have unacked before it stops being read.
+        max_unacked_bytes: usize,
     },
     JsonLines {
         tcp: bool,
@@ -774,6 +824,26 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         io: e.io.unwrap_or_default(),
     };
 
+    let wal = match file.wal {
+        None => None,
+        Some(w) => {
+            writable_dir(&w.dir.join("core-0")).map_err(|e| err("wal.dir", e))?;
+            let sync_interval = w.sync_interval.map_or(Duration::from_millis(20), |d| d.0);
+            if sync_interval.is_zero() || sync_interval > Duration::from_secs(10) {
+                return Err(err(
+                    "wal.sync_interval",
+                    "must be more than zero and at most 10s",
+                ));
+            }
+            Some(Wal {
+                dir: w.dir,
+                sync_interval,
+                sync_bytes: bounded("wal.sync_bytes", w.sync_bytes, 1 << 20, 4096, 256 << 20)?,
+                max_bytes: bounded("wal.max_bytes", w.max_bytes, 1 << 30, 1 << 20, 1 << 50)? as u64,
+                full: w.full.unwrap_or_default(),
+            })
+        }
+    };
     let mut inputs = Vec::new();
     for (name, mut table) in file.inputs {
         let key = format!("inputs.{name}");
@@ -801,6 +871,24 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                             4 * MAX_FRAME_CEILING as u64,
                         )?,
                         heartbeat: f.heartbeat.unwrap_or(true),
+                        ack: match (f.ack, &wal) {
+                            (Some(AckPolicy::Durable), None) => {
+                                return Err(err(
+                                    format!("{key}.ack"),
+                                    "\"durable\" acks need a write-ahead log: add a [wal] section with a dir, or use \"delivered\"",
+                                ));
+                            }
+                            (Some(a), _) => a,
+                            (None, Some(_)) => AckPolicy::Durable,
+                            (None, None) => AckPolicy::Delivered,
+                        },
+                        max_unacked_bytes: bounded(
+                            &format!("{key}.max_unacked_bytes"),
+                            f.max_unacked_bytes,
+                            64 << 20,
+                            1024,
+                            1 << 40,
+                        )?,
                     },
                     name,
                 }
@@ -1126,6 +1214,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         inputs,
         sinks,
         routes,
+        wal,
     })
 }
 

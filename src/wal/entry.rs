@@ -1,0 +1,368 @@
+//! The journal's entry format, and the scan that reads it back: sans-I/O, over bytes.
+//!
+//! An entry is a 24-byte header and a body, little-endian:
+//!
+//! ```text
+//! magic "SLW1" | body length u32 | crc32 u32 | kind u8 | 0 0 0 | secs u32 | nanos u32
+//! body: input-name length u8 | input name | payload
+//! ```
+//!
+//! The checksum covers the header after itself and the whole body, so a torn write, a
+//! flipped bit or a length that points past the data are all caught. The magic lets a
+//! scan find the next entry after a damaged one.
+
+use crate::decode::EventTime;
+
+pub const MAGIC: [u8; 4] = *b"SLW1";
+pub const HEADER: usize = 24;
+/// Longest body a scan accepts: a Forward frame at its ceiling, plus the input's name.
+pub const MAX_BODY: usize = crate::limits::MAX_FRAME_CEILING + 256;
+
+/// What an entry holds, which says how it is ingested again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// One whole Forward frame, as it came off the wire.
+    Forward = 1,
+    /// Newline-separated JSON lines, stamped with the entry's time.
+    JsonLines = 2,
+}
+
+impl Kind {
+    fn of(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Forward),
+            2 => Some(Kind::JsonLines),
+            _ => None,
+        }
+    }
+}
+
+/// An entry read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub kind: Kind,
+    /// The name of the input it was read on.
+    pub input: &'a str,
+    pub time: EventTime,
+    pub payload: &'a [u8],
+}
+
+/// Starts an entry at the end of `out`; [`finish`] completes its header once the
+/// payload is appended. Returns where the entry starts.
+pub fn begin(out: &mut Vec<u8>, kind: Kind, input: &str, time: EventTime) -> usize {
+    let at = out.len();
+    let name = &input.as_bytes()[..input.len().min(255)];
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[0; 8]); // length and checksum, filled in by `finish`
+    out.extend_from_slice(&[kind as u8, 0, 0, 0]);
+    out.extend_from_slice(&(time.secs as u32).to_le_bytes());
+    out.extend_from_slice(&time.nanos.to_le_bytes());
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    at
+}
+
+/// Completes the entry that starts at `at` and runs to the end of `out`. Returns its
+/// length in all.
+pub fn finish(out: &mut [u8], at: usize) -> usize {
+    let e = &mut out[at..];
+    let body = (e.len() - HEADER) as u32;
+    e[4..8].copy_from_slice(&body.to_le_bytes());
+    let crc = checksum(&e[12..]);
+    e[8..12].copy_from_slice(&crc.to_le_bytes());
+    e.len()
+}
+
+/// One entry, whole: [`begin`], the payload, [`finish`].
+pub fn encode(out: &mut Vec<u8>, kind: Kind, input: &str, time: EventTime, payload: &[u8]) {
+    let at = begin(out, kind, input, time);
+    out.extend_from_slice(payload);
+    finish(out, at);
+}
+
+fn checksum(b: &[u8]) -> u32 {
+    crc32fast::hash(b)
+}
+
+/// What a scan found at a position.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Scanned<'a> {
+    /// A sound entry; the next one starts at `next`.
+    Entry {
+        entry: Entry<'a>,
+        next: usize,
+    },
+    /// Damage from `at` to `next`, where the next sound entry (or the end) is.
+    Corrupt {
+        at: usize,
+        next: usize,
+        why: &'static str,
+    },
+    /// An entry cut short at the end, with nothing sound after it: a write that a crash
+    /// interrupted.
+    Torn {
+        at: usize,
+    },
+    End,
+}
+
+/// Reads the entry at `at` in a segment's bytes.
+pub fn scan(buf: &[u8], at: usize) -> Scanned<'_> {
+    if at >= buf.len() {
+        return Scanned::End;
+    }
+    let rest = &buf[at..];
+    let damaged = |why| match resync(buf, at + 1) {
+        Some(next) => Scanned::Corrupt { at, next, why },
+        None if rest.len() < HEADER || why == "cut short" => Scanned::Torn { at },
+        None => Scanned::Corrupt {
+            at,
+            next: buf.len(),
+            why,
+        },
+    };
+    if rest.len() < HEADER {
+        return if rest.starts_with(&MAGIC[..rest.len().min(4)]) {
+            damaged("cut short")
+        } else {
+            damaged("no entry header")
+        };
+    }
+    if rest[..4] != MAGIC {
+        return damaged("no entry header");
+    }
+    let len = u32::from_le_bytes(rest[4..8].try_into().unwrap()) as usize;
+    if len > MAX_BODY || len == 0 {
+        return damaged("impossible length");
+    }
+    if rest.len() < HEADER + len {
+        return damaged("cut short");
+    }
+    let e = &rest[..HEADER + len];
+    let crc = u32::from_le_bytes(e[8..12].try_into().unwrap());
+    if checksum(&e[12..]) != crc {
+        // The length may still be right: if it leads to an entry, skip just this one.
+        let next = at + HEADER + len;
+        return match buf.get(next..next + 4) {
+            Some(m) if m == MAGIC => Scanned::Corrupt {
+                at,
+                next,
+                why: "bad checksum",
+            },
+            _ if next == buf.len() => Scanned::Corrupt {
+                at,
+                next,
+                why: "bad checksum",
+            },
+            _ => damaged("bad checksum"),
+        };
+    }
+    let (Some(kind), name_len) = (Kind::of(e[12]), e[HEADER] as usize) else {
+        return damaged("unknown kind");
+    };
+    let body = &e[HEADER + 1..];
+    let (Some(name), Some(payload)) = (body.get(..name_len), body.get(name_len..)) else {
+        return damaged("bad input name");
+    };
+    let Ok(input) = std::str::from_utf8(name) else {
+        return damaged("bad input name");
+    };
+    let time = EventTime {
+        secs: u32::from_le_bytes(e[16..20].try_into().unwrap()) as i64,
+        nanos: u32::from_le_bytes(e[20..24].try_into().unwrap()),
+    };
+    Scanned::Entry {
+        entry: Entry {
+            kind,
+            input,
+            time,
+            payload,
+        },
+        next: at + HEADER + len,
+    }
+}
+
+/// The next position from `from` where a sound entry starts.
+fn resync(buf: &[u8], from: usize) -> Option<usize> {
+    let finder = memchr::memmem::Finder::new(&MAGIC);
+    let mut pos = from;
+    while pos < buf.len() {
+        let i = pos + finder.find(&buf[pos..])?;
+        if let Scanned::Entry { .. } = scan_sound(buf, i) {
+            return Some(i);
+        }
+        pos = i + 1;
+    }
+    None
+}
+
+/// [`scan`] without resynchronising: whether a sound entry starts at `at`.
+fn scan_sound(buf: &[u8], at: usize) -> Scanned<'_> {
+    let rest = &buf[at..];
+    if rest.len() < HEADER || rest[..4] != MAGIC {
+        return Scanned::End;
+    }
+    let len = u32::from_le_bytes(rest[4..8].try_into().unwrap()) as usize;
+    if len == 0 || len > MAX_BODY || rest.len() < HEADER + len {
+        return Scanned::End;
+    }
+    let crc = u32::from_le_bytes(rest[8..12].try_into().unwrap());
+    if checksum(&rest[12..HEADER + len]) != crc {
+        return Scanned::End;
+    }
+    scan(buf, at)
+}
+
+/// Every sound entry of a segment, and each piece of damage as `(at, next, why)`.
+pub fn read_all(buf: &[u8]) -> (Vec<(usize, Entry<'_>)>, Vec<Damage>) {
+    let (mut entries, mut damage) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    loop {
+        match scan(buf, at) {
+            Scanned::Entry { entry, next } => {
+                entries.push((at, entry));
+                at = next;
+            }
+            Scanned::Corrupt { at: a, next, why } => {
+                damage.push(Damage {
+                    at: a,
+                    bytes: next - a,
+                    why,
+                });
+                at = next;
+            }
+            Scanned::Torn { at: a } => {
+                damage.push(Damage {
+                    at: a,
+                    bytes: buf.len() - a,
+                    why: "torn tail",
+                });
+                break;
+            }
+            Scanned::End => break,
+        }
+    }
+    (entries, damage)
+}
+
+/// Bytes of a segment that a scan skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Damage {
+    pub at: usize,
+    pub bytes: usize,
+    pub why: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> EventTime {
+        EventTime { secs: s, nanos: 7 }
+    }
+
+    fn three() -> (Vec<u8>, [usize; 3]) {
+        let mut b = Vec::new();
+        encode(&mut b, Kind::Forward, "fwd", t(1), b"first");
+        let s1 = b.len();
+        encode(
+            &mut b,
+            Kind::JsonLines,
+            "json",
+            t(2),
+            b"{\"a\":1}\n{\"a\":2}",
+        );
+        let s2 = b.len();
+        encode(&mut b, Kind::Forward, "fwd", t(3), b"third");
+        (b, [0, s1, s2])
+    }
+
+    fn payloads(b: &[u8]) -> (Vec<&[u8]>, Vec<Damage>) {
+        let (e, d) = read_all(b);
+        (e.into_iter().map(|(_, e)| e.payload).collect(), d)
+    }
+
+    #[test]
+    fn entries_read_back_as_written() {
+        let (b, starts) = three();
+        let (entries, damage) = read_all(&b);
+        assert!(damage.is_empty());
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[1].0, starts[1]);
+        let e = entries[1].1;
+        assert_eq!(e.kind, Kind::JsonLines);
+        assert_eq!(e.input, "json");
+        assert_eq!(e.time, t(2));
+        assert_eq!(e.payload, b"{\"a\":1}\n{\"a\":2}");
+    }
+
+    #[test]
+    fn a_torn_tail_is_reported_and_the_rest_kept() {
+        let (b, _) = three();
+        for cut in 1..30 {
+            let b = &b[..b.len() - cut];
+            let (p, d) = payloads(b);
+            assert_eq!(p, [&b"first"[..], b"{\"a\":1}\n{\"a\":2}"], "cut {cut}");
+            assert_eq!(d.len(), 1);
+            assert_eq!(d[0].why, "torn tail", "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn a_bad_checksum_in_the_middle_skips_only_that_entry() {
+        let (mut b, starts) = three();
+        b[starts[1] + HEADER + 8] ^= 0x40;
+        let (p, d) = payloads(&b);
+        assert_eq!(p, [&b"first"[..], b"third"]);
+        assert_eq!(
+            d,
+            [Damage {
+                at: starts[1],
+                bytes: starts[2] - starts[1],
+                why: "bad checksum"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_broken_length_resynchronises_on_the_next_entry() {
+        let (mut b, starts) = three();
+        b[starts[1] + 4..starts[1] + 8].copy_from_slice(&3u32.to_le_bytes());
+        let (p, d) = payloads(&b);
+        assert_eq!(p, [&b"first"[..], b"third"]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].at, starts[1]);
+        assert_eq!(d[0].at + d[0].bytes, starts[2]);
+        // Garbage where a header should be.
+        let (mut b, starts) = three();
+        b[starts[1]..starts[1] + 4].copy_from_slice(b"XXXX");
+        let (p, d) = payloads(&b);
+        assert_eq!(p, [&b"first"[..], b"third"]);
+        assert_eq!(d[0].why, "no entry header");
+    }
+
+    #[test]
+    fn a_corrupt_last_entry_is_reported() {
+        let (mut b, starts) = three();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        let (p, d) = payloads(&b);
+        assert_eq!(p.len(), 2);
+        assert_eq!(d[0].at, starts[2]);
+        assert_eq!(d[0].why, "bad checksum");
+    }
+
+    #[test]
+    fn any_damage_never_panics_and_keeps_the_sound_entries() {
+        let (b, _) = three();
+        for i in 0..b.len() {
+            for bit in [0x01, 0x80] {
+                let mut c = b.clone();
+                c[i] ^= bit;
+                let (p, _) = payloads(&c);
+                assert!(p.len() >= 2, "flip at {i} lost more than one entry");
+            }
+        }
+    }
+}
