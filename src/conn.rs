@@ -290,6 +290,19 @@ impl Conn for ForwardConn {
             };
             let mut scratch = self.scratch.borrow_mut();
             let resumed = self.paused.take();
+            // Batches are held: the frame, validated, goes to the journal's backlog.
+            if resumed.is_none() && shard.diverts(&self.link) {
+                let events = match frame.events(&mut scratch, self.max_inflated) {
+                    Ok(events) => events.count() as u64,
+                    Err(e) => return Progress::Close(e),
+                };
+                shard.divert_frame(&frame, &self.link, &self.rb.data()[..len], events);
+                budget = budget.saturating_sub(len + scratch.inflated_len());
+                drop(scratch);
+                self.rb.consume(len);
+                self.need = 1;
+                continue;
+            }
             let (events, ticket, taken) = match resumed {
                 Some(p) => (frame.resume(&scratch, p.taken), p.ticket, p.taken),
                 None => match frame.events(&mut scratch, self.max_inflated) {
@@ -400,7 +413,9 @@ impl Conn for JsonConn {
     fn process(&mut self, shard: &mut Shard) -> Progress {
         let now = EventTime::now();
         let mut budget = TURN;
-        let mut entry = None;
+        // The journal entry being written: whether it goes to the backlog, and the
+        // ticket of its events if not.
+        let mut entry: Option<(bool, Option<Ticket>)> = None;
         let progress = loop {
             if shard.blocked_for(&self.link) {
                 break Progress::Blocked;
@@ -410,20 +425,30 @@ impl Conn for JsonConn {
             }
             match self.lines.next(self.rb.data()) {
                 Framed::Line { len, consumed } => {
-                    let ticket =
-                        *entry.get_or_insert_with(|| shard.open_lines(self.source.input, now));
+                    let divert = shard.diverts(&self.link);
+                    if let Some((d, t)) = entry
+                        && d != divert
+                    {
+                        shard.end_lines(t);
+                        entry = None;
+                    }
+                    let (diverted, ticket) = *entry.get_or_insert_with(|| {
+                        (divert, shard.open_lines(self.source.input, now, divert))
+                    });
                     shard.journal_line(&self.rb.data()[..len]);
-                    let peer = self.link.peer.get();
-                    ingest_line(
-                        shard,
-                        &mut self.parser,
-                        self.rb.data_padded(),
-                        len,
-                        &self.source,
-                        now,
-                        peer,
-                        ticket,
-                    );
+                    if !diverted {
+                        let peer = self.link.peer.get();
+                        ingest_line(
+                            shard,
+                            &mut self.parser,
+                            self.rb.data_padded(),
+                            len,
+                            &self.source,
+                            now,
+                            peer,
+                            ticket,
+                        );
+                    }
                     self.rb.consume(consumed);
                     budget = budget.saturating_sub(consumed);
                 }
@@ -437,8 +462,8 @@ impl Conn for JsonConn {
                 Framed::NeedMore => break Progress::Read,
             }
         };
-        if let Some(ticket) = entry {
-            shard.close_frame(ticket);
+        if let Some((_, ticket)) = entry {
+            shard.end_lines(ticket);
         }
         progress
     }
@@ -447,19 +472,22 @@ impl Conn for JsonConn {
     fn finish(&mut self, shard: &mut Shard) {
         if let Some(len) = self.lines.finish(self.rb.data()) {
             let (now, peer) = (EventTime::now(), self.link.peer.get());
-            let ticket = shard.open_lines(self.source.input, now);
+            let divert = shard.diverts(&self.link);
+            let ticket = shard.open_lines(self.source.input, now, divert);
             shard.journal_line(&self.rb.data()[..len]);
-            ingest_line(
-                shard,
-                &mut self.parser,
-                self.rb.data_padded(),
-                len,
-                &self.source,
-                now,
-                peer,
-                ticket,
-            );
-            shard.close_frame(ticket);
+            if !divert {
+                ingest_line(
+                    shard,
+                    &mut self.parser,
+                    self.rb.data_padded(),
+                    len,
+                    &self.source,
+                    now,
+                    peer,
+                    ticket,
+                );
+            }
+            shard.end_lines(ticket);
             self.rb.consume(len);
         }
     }
@@ -483,28 +511,32 @@ pub fn ingest_datagram(
     parser: &mut JsonParser,
     buf: &mut [u8],
     len: usize,
+    link: &Link,
     source: &JsonSource,
     peer: SocketAddr,
 ) {
     let now = EventTime::now();
-    let ticket = shard.open_lines(source.input, now);
+    let divert = shard.diverts(link);
+    let ticket = shard.open_lines(source.input, now, divert);
     let mut start = 0;
     while start < len {
         let end = memchr::memchr(b'\n', &buf[start..len]).map_or(len, |i| start + i);
         shard.journal_line(&buf[start..end]);
-        ingest_line(
-            shard,
-            parser,
-            &mut buf[start..],
-            end - start,
-            source,
-            now,
-            Some(peer),
-            ticket,
-        );
+        if !divert {
+            ingest_line(
+                shard,
+                parser,
+                &mut buf[start..],
+                end - start,
+                source,
+                now,
+                Some(peer),
+                ticket,
+            );
+        }
         start = end + 1;
     }
-    shard.close_frame(ticket);
+    shard.end_lines(ticket);
 }
 
 /// Routes the records of one HTTP request, all or none: every record is checked before
@@ -540,11 +572,14 @@ pub fn ingest_http(
     taken
 }
 
-/// The entries of an earlier run's journal segment, ingested again as a connection's
-/// input is: Forward frames decoded and routed (pausing on backpressure as a connection
-/// does), JSON lines parsed with their input's tag and the time they were first read.
+/// Journal entries read back — the backlog, and an earlier run's segments — ingested as a
+/// connection's input is: Forward frames decoded and routed (pausing on backpressure as
+/// a connection does), JSON lines parsed with their input's tag and the time they were
+/// first read.
 pub struct Replay {
     buf: Vec<u8>,
+    /// Where `buf` starts in its segment file.
+    base: u64,
     at: usize,
     seg: SegId,
     path: std::path::PathBuf,
@@ -554,6 +589,8 @@ pub struct Replay {
     /// A JSON-lines entry's payload, copied with simd-json's padding.
     lines: Vec<u8>,
     paused: Option<Paused>,
+    /// The entries are an earlier run's.
+    adopted: bool,
     /// By input: the Forward inflate limit, or the JSON-lines tag source.
     inputs: Vec<ReplayInput>,
     link: Rc<Link>,
@@ -566,7 +603,7 @@ enum ReplayInput {
 }
 
 impl Replay {
-    pub fn new(cfg: &Config, buf: Vec<u8>, seg: SegId, path: std::path::PathBuf) -> Self {
+    pub fn new(cfg: &Config) -> Self {
         let inputs = cfg
             .inputs
             .iter()
@@ -587,15 +624,17 @@ impl Replay {
             })
             .collect();
         Replay {
-            buf,
+            buf: Vec::new(),
+            base: 0,
             at: 0,
-            seg,
-            path,
+            seg: 0,
+            path: Default::default(),
             decoder: Decoder::new(crate::limits::MAX_FRAME_CEILING),
             scratch: Scratch::default(),
             parser: JsonParser::default(),
             lines: Vec::new(),
             paused: None,
+            adopted: false,
             inputs,
             link: Rc::new(Link::default()),
         }
@@ -605,6 +644,23 @@ impl Replay {
         &self.link
     }
 
+    /// The entries to ingest next: `buf`, from offset `base` of segment `seg`.
+    pub fn load(
+        &mut self,
+        buf: Vec<u8>,
+        base: u64,
+        seg: SegId,
+        path: std::path::PathBuf,
+        adopted: bool,
+    ) {
+        self.adopted = adopted;
+        self.buf = buf;
+        self.base = base;
+        self.at = 0;
+        self.seg = seg;
+        self.path = path;
+    }
+
     fn damaged(&self, shard: &mut Shard, at: usize, bytes: usize, why: &str) {
         if let Some(j) = shard.journal() {
             j.counts.damaged += 1;
@@ -612,19 +668,26 @@ impl Replay {
         tracing::warn!(
             core = shard.core,
             path = %self.path.display(),
-            offset = at,
+            offset = self.base + at as u64,
             bytes,
             why,
             "Skipping damaged bytes of a write-ahead log segment"
         );
     }
 
-    /// Ingests entries until the segment ends (`Read`), the shard is blocked, or a
-    /// turn's worth is done.
+    /// Ingests entries until they run out (`Read`), batches are held, or a turn's worth
+    /// is done.
     pub fn process(&mut self, shard: &mut Shard) -> Progress {
+        shard.replaying = Some(self.adopted);
+        let p = self.ingest(shard);
+        shard.replaying = None;
+        p
+    }
+
+    fn ingest(&mut self, shard: &mut Shard) -> Progress {
         let mut budget = TURN;
         loop {
-            if shard.blocked_for(&self.link) {
+            if shard.reader_blocked(&self.link) {
                 return Progress::Blocked;
             }
             if budget == 0 {

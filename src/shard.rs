@@ -107,11 +107,27 @@ pub struct Shard {
     route_events: Vec<u64>,
     /// The write-ahead log, if there is one.
     journal: Option<Journal>,
-    /// By input: its name (for journal entries), and whether its chunks are acked when
-    /// they are durable rather than delivered.
+    /// By input: its name (for journal entries), and whether everything it reads is
+    /// journaled (JSON lines, and Forward acked `durable`), so that a backlog may take it.
     inputs: Vec<(Box<str>, bool)>,
-    /// Durable chunks waiting for their group commit: (entry serial, ticket, generation).
-    durable_waits: VecDeque<(u64, Ticket, u32)>,
+    /// Durable chunks waiting for their group commit.
+    durable_waits: VecDeque<DurableWait>,
+    /// Events this run put in the backlog and has not read back yet.
+    backlog_events: u64,
+    /// The input of the JSON-lines entry being diverted, whose lines count as read.
+    diverting_lines: Option<usize>,
+    /// What the backlog reader is ingesting: `Some(adopted)` (an earlier run's entries,
+    /// or this run's) while it does. Its events were counted when they were read.
+    pub replaying: Option<bool>,
+}
+
+/// A chunk to ack once the group commit holding its entry ends.
+struct DurableWait {
+    serial: u64,
+    ticket: Ticket,
+    generation: u32,
+    /// The chunk went to the backlog: its ticket has no other hold to wait for.
+    release: bool,
 }
 
 impl Shard {
@@ -171,17 +187,22 @@ impl Shard {
                 .inputs
                 .iter()
                 .map(|i| {
-                    let durable = matches!(
-                        i.kind,
-                        InputKind::Forward {
-                            ack: AckPolicy::Durable,
-                            ..
-                        }
-                    );
-                    (i.name.as_str().into(), durable)
+                    let journaled = cfg.wal.is_some()
+                        && matches!(
+                            i.kind,
+                            InputKind::JsonLines { .. }
+                                | InputKind::Forward {
+                                    ack: AckPolicy::Durable,
+                                    ..
+                                }
+                        );
+                    (i.name.as_str().into(), journaled)
                 })
                 .collect(),
             durable_waits: VecDeque::new(),
+            backlog_events: 0,
+            diverting_lines: None,
+            replaying: None,
         }
     }
 
@@ -221,19 +242,70 @@ impl Shard {
         let ack = frame.chunk.map(|c| (link, c));
         let t = self.ledger.open(ack, raw.len(), entry.map(|e| e.0));
         if let (Some((_, serial)), Some(_), true) = (entry, frame.chunk, *durable) {
-            self.durable_waits
-                .push_back((serial, t, self.ledger.generation(t)));
+            self.wait_durable(serial, t, false);
         }
         Some(t)
     }
 
+    fn wait_durable(&mut self, serial: u64, ticket: Ticket, release: bool) {
+        self.durable_waits.push_back(DurableWait {
+            serial,
+            ticket,
+            generation: self.ledger.generation(ticket),
+            release,
+        });
+    }
+
+    /// Whether what `link` reads now goes to the backlog, journaled only: its input is
+    /// journaled whole, and batches are held or a backlog is already waiting.
+    pub fn diverts(&self, link: &Link) -> bool {
+        self.inputs[link.input.get()].1 && self.diverting()
+    }
+
+    fn diverting(&self) -> bool {
+        self.journal.as_ref().is_some_and(Journal::backlogged)
+            || self.batchers.iter().any(Batcher::blocked)
+    }
+
+    /// Journals a validated Forward frame into the backlog, for the reader to ingest when
+    /// batches free up; its chunk is acked when the entry is synced.
+    pub fn divert_frame(&mut self, frame: &Frame<'_>, link: &Rc<Link>, raw: &[u8], events: u64) {
+        self.counters.frames_in += 1;
+        self.per_input[link.input.get()].events_in += events;
+        self.backlog_events += events;
+        let Some(j) = &mut self.journal else { return };
+        j.start_backlog();
+        let name = &self.inputs[link.input.get()].0;
+        let (_, serial) = j.append(Kind::Forward, name, EventTime::now(), raw);
+        if let Some(c) = frame.chunk {
+            let t = self.ledger.open(Some((link, c)), raw.len(), None);
+            self.wait_durable(serial, t, true);
+        }
+    }
+
     /// Starts a journal entry for JSON lines read on `input` at `time` (with a WAL):
     /// [`Shard::journal_line`] adds each line before it is parsed, and
-    /// [`Shard::close_frame`] ends it.
-    pub fn open_lines(&mut self, input: usize, time: EventTime) -> Option<Ticket> {
+    /// [`Shard::end_lines`] ends it. A `divert`ed entry goes to the backlog, its lines
+    /// not ingested now; otherwise the ticket returned is for the lines' events.
+    pub fn open_lines(&mut self, input: usize, time: EventTime, divert: bool) -> Option<Ticket> {
         let j = self.journal.as_mut()?;
+        if divert {
+            j.start_backlog();
+            self.diverting_lines = Some(input);
+        }
         let (seg, _) = j.begin(Kind::JsonLines, &self.inputs[input].0, time);
-        Some(self.ledger.open(None, 0, Some(seg)))
+        (!divert).then(|| self.ledger.open(None, 0, Some(seg)))
+    }
+
+    /// Ends the JSON-lines entry [`Shard::open_lines`] started.
+    pub fn end_lines(&mut self, ticket: Option<Ticket>) {
+        self.diverting_lines = None;
+        if let Some(j) = &mut self.journal {
+            j.end();
+        }
+        if let Some(t) = ticket {
+            self.settle(t);
+        }
     }
 
     /// Adds one line (without its newline) to the open JSON-lines entry.
@@ -242,6 +314,10 @@ impl Shard {
         if let Some(j) = &mut self.journal {
             j.extend(line);
             j.extend(b"\n");
+        }
+        if let Some(input) = self.diverting_lines {
+            self.per_input[input].events_in += 1;
+            self.backlog_events += 1;
         }
     }
 
@@ -254,16 +330,31 @@ impl Shard {
         self.ledger.open(None, 0, Some(seg))
     }
 
-    /// A group commit ended: the durable chunks up to `upto` are acked.
+    /// A group commit ended: the durable chunks up to `upto` are acked, and connections
+    /// that waited for the disk go on.
     pub fn synced(&mut self, upto: u64) {
-        while let Some(&(serial, t, generation)) = self.durable_waits.front() {
-            if serial > upto {
+        while let Some(w) = self.durable_waits.front() {
+            if w.serial > upto {
                 break;
             }
+            let (t, generation, release) = (w.ticket, w.generation, w.release);
             self.durable_waits.pop_front();
             if self.ledger.durable(t, generation) {
                 self.counters.acks_sent += 1;
             }
+            if release {
+                self.settle(t);
+            }
+        }
+        if !self.blocked() {
+            self.wake_parked();
+        }
+    }
+
+    fn wake_parked(&mut self) {
+        for l in self.parked.drain(..) {
+            l.parked.set(false);
+            l.wake();
         }
     }
 
@@ -342,9 +433,6 @@ impl Shard {
     /// holding its events settle.
     pub fn close_frame(&mut self, ticket: Option<Ticket>) {
         if let Some(t) = ticket {
-            if let Some(j) = &mut self.journal {
-                j.end();
-            }
             self.settle(t);
         }
     }
@@ -366,10 +454,7 @@ impl Shard {
     /// The paused frame is finished (or abandoned): the other connections may go on.
     pub fn end_pause(&mut self) {
         if self.mid_frame.take().is_some() {
-            for l in self.parked.drain(..) {
-                l.parked.set(false);
-                l.wake();
-            }
+            self.wake_parked();
         }
     }
 
@@ -411,7 +496,11 @@ impl Shard {
     /// Counts `n` events in from `input`, taken by route `r` (or by none).
     #[inline]
     fn count_in(&mut self, input: usize, r: Option<usize>, n: u64) {
-        self.per_input[input].events_in += n;
+        match self.replaying {
+            None => self.per_input[input].events_in += n,
+            Some(false) => self.backlog_events = self.backlog_events.saturating_sub(n),
+            Some(true) => {}
+        }
         if let Some(r) = r {
             self.route_events[r] += n;
         }
@@ -478,15 +567,30 @@ impl Shard {
             || self.journal.as_ref().is_some_and(Journal::blocks)
     }
 
-    /// Whether this connection must wait: batches are held, or another connection is in
-    /// the middle of a frame (which goes first).
+    /// Whether this connection must wait: another connection is in the middle of a
+    /// frame (which goes first); the journal is full or behind the disk; or, for an input
+    /// the backlog cannot take, batches are held or a backlog waits.
     #[inline]
     pub fn blocked_for(&self, link: &Rc<Link>) -> bool {
-        self.blocked()
-            || self
-                .mid_frame
-                .as_ref()
-                .is_some_and(|l| !Rc::ptr_eq(l, link))
+        let journal = self.journal.as_ref();
+        let waits = if self.inputs[link.input.get()].1 {
+            journal.is_some_and(Journal::blocks)
+        } else {
+            self.blocked() || journal.is_some_and(Journal::backlogged)
+        };
+        waits || self.other_mid_frame(link)
+    }
+
+    fn other_mid_frame(&self, link: &Rc<Link>) -> bool {
+        self.mid_frame
+            .as_ref()
+            .is_some_and(|l| !Rc::ptr_eq(l, link))
+    }
+
+    /// Whether the backlog reader must wait: batches are held, or a connection is in the
+    /// middle of a frame. (A full journal does not stop it: it is what empties it.)
+    pub fn reader_blocked(&self, link: &Rc<Link>) -> bool {
+        self.batchers.iter().any(Batcher::blocked) || self.other_mid_frame(link)
     }
 
     /// Parks a connection until the shard unblocks.
@@ -539,15 +643,14 @@ impl Shard {
                 self.batchers[s].recycle(batch);
             }
         }
-        let mut blocked = self.journal.as_ref().is_some_and(Journal::blocks);
+        // Parked connections wake once batches flow; those the journal still holds back
+        // park again (the backlog reader must wake even while the journal is full).
+        let mut blocked = false;
         for b in &mut self.batchers {
             blocked |= b.poll_push(cx).is_pending();
         }
         if !blocked {
-            for l in self.parked.drain(..) {
-                l.parked.set(false);
-                l.wake();
-            }
+            self.wake_parked();
         }
     }
 
@@ -568,7 +671,7 @@ impl Shard {
     /// blocked on them, so lingering would only add latency.
     pub fn seal_for_acks(&mut self, link: &Link) {
         // Durable acks wait on the group commit, not on delivery.
-        if self.inputs[link.input.get()].1 && self.journal.is_some() {
+        if self.inputs[link.input.get()].1 {
             return;
         }
         for b in &mut self.batchers {
@@ -598,7 +701,7 @@ impl Shard {
     /// Batches not settled, their events (an event in two sinks' batches counts twice),
     /// and chunks not acked.
     pub fn unsettled(&self) -> (usize, u64, usize) {
-        let (mut batches, mut events) = (0, 0);
+        let (mut batches, mut events) = (0, self.backlog_events);
         for b in &self.batchers {
             let (n, e) = b.unsettled();
             batches += n;
@@ -607,9 +710,11 @@ impl Shard {
         (batches, events, self.ledger.outstanding())
     }
 
-    /// Nothing open, held or in flight, and no chunk waiting for its ack.
+    /// Nothing open, held or in flight, no chunk waiting for its ack, and no backlog.
     pub fn idle(&self) -> bool {
-        self.batchers.iter().all(Batcher::idle) && self.ledger.outstanding() == 0
+        self.batchers.iter().all(Batcher::idle)
+            && self.ledger.outstanding() == 0
+            && !self.journal.as_ref().is_some_and(Journal::backlogged)
     }
 
     /// Sends this core's counters to the collector.

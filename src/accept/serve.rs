@@ -24,7 +24,7 @@ use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
 use crate::metrics::Reporter;
 use crate::shard::{CoreSink, Phase, Shard};
-use crate::wal::{Commit, Journal, SegId};
+use crate::wal::{Commit, Journal, Next, SegId};
 
 /// What an I/O backend gives the per-core loop: SO_REUSEPORT listeners, streams read and
 /// written by polling, datagram sockets, local tasks and timers. Every call happens on
@@ -108,7 +108,24 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
     if let Some(w) = &cfg.wal {
         match Journal::new(core, w) {
-            Ok(j) => shard.borrow_mut().set_journal(j),
+            Ok(mut j) => {
+                // An earlier run's segments are the first backlog.
+                let mut bytes = 0;
+                for path in &segments {
+                    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+                    bytes += len;
+                    j.adopt(path.clone(), len);
+                }
+                if !segments.is_empty() {
+                    tracing::info!(
+                        core,
+                        segments = segments.len(),
+                        bytes,
+                        "Replaying the write-ahead log an earlier run left, before new input"
+                    );
+                }
+                shard.borrow_mut().set_journal(j);
+            }
             Err(e) => {
                 let _ = ready.send(Err(format!(
                     "wal.dir: core {core} cannot use {}: {e}",
@@ -157,52 +174,39 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     ));
     let journal_stop = Rc::new(Cell::new(false));
     let journal_done = Rc::new(Cell::new(cfg.wal.is_none()));
+    let mut reader = None;
     if cfg.wal.is_some() {
         R::spawn_detached(journal::<R>(
             shard.clone(),
             journal_stop.clone(),
             journal_done.clone(),
         ));
+        reader = Some(R::spawn(backlog::<R>(shard.clone(), cfg.clone())));
     }
+    let mut inputs = Vec::new();
+    for (i, listener) in listeners {
+        let input = &cfg.inputs[i];
+        let limit = input.max_connections.div_ceil(cfg.engine.workers);
+        inputs.push(R::spawn(accept::<R>(
+            listener,
+            i,
+            input.kind.clone(),
+            limit,
+            shard.clone(),
+            tasks.clone(),
+        )));
+    }
+    for (i, sock) in datagram_socks {
+        let source = match Proto::of(i, &cfg.inputs[i].kind) {
+            Proto::Json { source, .. } => Some(source),
+            Proto::Forward { .. } => None,
+        };
+        inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
+    }
+    inputs.push(R::spawn(http_jobs(http, shard.clone())));
     let _ = ready.send(Ok(()));
 
-    // What an earlier run left undelivered goes first; new connections wait in the
-    // listeners' backlogs meanwhile.
-    let stopped = futures_lite::future::or(
-        async {
-            replay::<R>(&shard, &cfg, segments).await;
-            false
-        },
-        async {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-            true
-        },
-    )
-    .await;
-    let mut inputs = Vec::new();
-    if !stopped {
-        for (i, listener) in listeners {
-            let input = &cfg.inputs[i];
-            let limit = input.max_connections.div_ceil(cfg.engine.workers);
-            inputs.push(R::spawn(accept::<R>(
-                listener,
-                i,
-                input.kind.clone(),
-                limit,
-                shard.clone(),
-                tasks.clone(),
-            )));
-        }
-        for (i, sock) in datagram_socks {
-            let source = match Proto::of(i, &cfg.inputs[i].kind) {
-                Proto::Json { source, .. } => Some(source),
-                Proto::Forward { .. } => None,
-            };
-            inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
-        }
-        inputs.push(R::spawn(http_jobs(http, shard.clone())));
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    }
+    let _ = shutdown.wait_for(|stop| *stop).await;
 
     // The documented order: stop accepting, read open connections for the input grace,
     // seal everything, drain until the deadline, write the final acks, leave. The whole
@@ -242,6 +246,9 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         }
     }
     shard.borrow_mut().set_phase(Phase::Closing);
+    if let Some(r) = reader {
+        R::cancel(r).await;
+    }
     // Every connection now writes what acks it has and ends.
     while tasks.0.get() > 0 {
         R::sleep(Duration::from_millis(1)).await;
@@ -335,39 +342,79 @@ async fn write_commit<R: Runtime>(
     Ok(())
 }
 
-/// Ingests an earlier run's segments again, one at a time, as connections would: each is
-/// deleted once everything in it is settled.
-async fn replay<R: Runtime>(shard: &Shared, cfg: &Config, segments: Vec<std::path::PathBuf>) {
-    for path in segments {
-        let core = shard.borrow().core;
-        let buf = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(core, path = %path.display(), error = %e, "Cannot read a write-ahead log segment; it is left in place");
+/// The backlog reader: ingests what the journal holds but batches have not taken — an
+/// earlier run's segments, then what was journaled while batches were held — in order,
+/// as batches free up.
+async fn backlog<R: Runtime>(shard: Shared, cfg: Arc<Config>) {
+    let mut r = Replay::new(&cfg);
+    let core = shard.borrow().core;
+    let interval = cfg
+        .wal
+        .as_ref()
+        .map_or(Duration::from_millis(20), |w| w.sync_interval);
+    loop {
+        wait_while(r.link(), &shard, Shard::reader_blocked).await;
+        let next = match shard.borrow_mut().journal() {
+            Some(j) => j.backlog_next(),
+            None => return,
+        };
+        let (seg, path, from, to, bytes, adopted) = match next {
+            Next::Idle => {
+                R::sleep(interval.min(Duration::from_millis(10))).await;
                 continue;
             }
+            Next::WaitCommit => {
+                R::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            Next::Read {
+                seg,
+                path,
+                from,
+                to,
+                bytes,
+                adopted,
+            } => {
+                if adopted && from == 0 {
+                    tracing::info!(core, path = %path.display(), bytes = to, "Replaying a write-ahead log segment");
+                }
+                (seg, path, from, to, bytes, adopted)
+            }
         };
-        let Some(seg) = shard
-            .borrow_mut()
-            .journal()
-            .map(|j| j.adopt(path.clone(), buf.len() as u64))
-        else {
-            return;
+        let buf = match bytes {
+            Some(b) => b,
+            None => match read_at(&path, from, to) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(core, path = %path.display(), error = %e, "Cannot read the write-ahead log back; retrying in 1s");
+                    R::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
         };
-        tracing::info!(core, path = %path.display(), bytes = buf.len(), "Replaying a write-ahead log segment");
-        let mut r = Replay::new(cfg, buf, seg, path);
+        r.load(buf, from, seg, path, adopted);
         loop {
             let progress = r.process(&mut shard.borrow_mut());
             match progress {
                 Progress::Read => break,
-                Progress::Blocked => unblocked(r.link(), shard).await,
+                Progress::Blocked => wait_while(r.link(), &shard, Shard::reader_blocked).await,
                 _ => R::yield_if_needed().await,
             }
         }
         if let Some(j) = shard.borrow_mut().journal() {
-            j.replayed(seg);
+            j.backlog_done(seg, to);
         }
     }
+}
+
+/// Reads `from..to` of a segment. These are bytes the core wrote moments ago, so they come
+/// from the page cache; a plain pread on the core is cheaper than a hand-off.
+fn read_at(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let mut buf = vec![0; (to - from) as usize];
+    f.read_exact_at(&mut buf, from)?;
+    Ok(buf)
 }
 
 /// What the drain leaves of drain_timeout for the final acks, the sinks' last answers
@@ -726,7 +773,7 @@ async fn datagrams<R: Runtime>(
             Some(source) => {
                 let mut s = shard.borrow_mut();
                 s.read(input, n);
-                ingest_datagram(&mut s, &mut parser, &mut buf, n, source, peer);
+                ingest_datagram(&mut s, &mut parser, &mut buf, n, &link, source, peer);
             }
         }
     }
@@ -734,10 +781,15 @@ async fn datagrams<R: Runtime>(
 
 /// Waits until the shard takes input from `link` again.
 async fn unblocked(link: &Rc<Link>, shard: &Shared) {
+    wait_while(link, shard, Shard::blocked_for).await
+}
+
+/// Waits, parked, while `blocked` says so.
+async fn wait_while(link: &Rc<Link>, shard: &Shared, blocked: fn(&Shard, &Rc<Link>) -> bool) {
     poll_fn(|cx| {
         link.set_waker(cx.waker());
         let mut s = shard.borrow_mut();
-        if s.blocked_for(link) {
+        if blocked(&s, link) {
             s.park(link);
             Poll::Pending
         } else {
@@ -753,6 +805,7 @@ async fn http_jobs(mut jobs: tokio::sync::mpsc::Receiver<Job>, shard: Shared) {
     let mut parser = JsonParser::default();
     let link = Rc::new(Link::default());
     while let Some(mut job) = jobs.recv().await {
+        link.input.set(job.input);
         unblocked(&link, &shard).await;
         let r = ingest_http(
             &mut shard.borrow_mut(),

@@ -9,9 +9,17 @@
 //! `sync_interval`, or sooner once `sync_bytes` are pending, one write and one fdatasync
 //! per segment touched; `durable` acks go out when the commit holding their chunk ends.
 //!
+//! While a sink's batches are held (the service is slow or down), input is not parked:
+//! it is journaled only, and acked `durable`, and the core's **backlog** is the log from
+//! the first such entry on. A reader ingests the backlog in order as batches free up —
+//! from the segment files, or from the pending buffer once it catches up — and new input
+//! is ingested directly again only when the backlog is empty, so a core's order holds.
+//! An earlier run's segments are the first backlog at start-up: replay and new input
+//! share one order and one bound, `max_bytes`.
+//!
 //! This module is the bookkeeping, over no runtime: the core's journal task
-//! (`accept::serve`) does the file I/O through the backend, and start-up replay feeds the
-//! entries read back through the same ingest path as a connection's.
+//! (`accept::serve`) does the file I/O through the backend, and the backlog reader feeds
+//! the entries read back through the same ingest path as a connection's.
 
 pub mod entry;
 
@@ -96,7 +104,30 @@ pub struct Journal {
     total: u64,
     /// The journal task, to wake once `sync_bytes` are pending.
     task: Option<Waker>,
+    /// The first entry not yet ingested, while there is a backlog.
+    backlog: Option<(SegId, u64)>,
+    /// A commit's pieces are being written: neither pending nor written yet.
+    committing: bool,
     pub counts: WalCounts,
+}
+
+/// What the backlog reader is to do next.
+#[derive(Debug)]
+pub enum Next {
+    /// No backlog: input is ingested as it is read.
+    Idle,
+    /// The next entries are in a commit being written.
+    WaitCommit,
+    /// Ingest the entries of `seg` from `from` to `to`: in its file, or in `bytes` when
+    /// they are still pending. `adopted`: the segment is an earlier run's.
+    Read {
+        seg: SegId,
+        path: PathBuf,
+        from: u64,
+        to: u64,
+        bytes: Option<Vec<u8>>,
+        adopted: bool,
+    },
 }
 
 /// A segment file's sequence number, from its name.
@@ -162,6 +193,8 @@ impl Journal {
             synced: 0,
             total: 0,
             task: None,
+            backlog: None,
+            committing: false,
             counts: WalCounts::default(),
         })
     }
@@ -170,11 +203,13 @@ impl Journal {
         self.cfg.sync_interval
     }
 
-    /// Takes an earlier run's segment for replay; it is deleted once its entries settle.
+    /// Takes an earlier run's segment for replay, after those adopted before it: it is the
+    /// backlog, and deleted once its entries are read back and settle.
     pub fn adopt(&mut self, path: PathBuf, bytes: u64) -> SegId {
         let id = self.next_id;
         self.next_id += 1;
         self.total += bytes;
+        self.backlog.get_or_insert((id, 0));
         self.segments.push_back(Segment {
             id,
             path,
@@ -187,19 +222,92 @@ impl Journal {
         id
     }
 
-    /// One more live entry of an adopted segment.
+    /// One more live entry: one read back from the backlog and ingested.
     pub fn hold(&mut self, id: SegId) {
         if let Some(s) = self.seg(id) {
             s.live += 1;
         }
     }
 
-    /// An adopted segment has been read to its end.
-    pub fn replayed(&mut self, id: SegId) {
-        if let Some(s) = self.seg(id) {
-            s.open = false;
+    /// Whether input is journaled only, for the backlog reader to ingest later.
+    pub fn backlogged(&self) -> bool {
+        self.backlog.is_some()
+    }
+
+    /// Starts a backlog (if there is none) at the next entry.
+    pub fn start_backlog(&mut self) {
+        if self.backlog.is_none() {
+            let id = self.active();
+            let at = self.segments.back().expect("active").bytes;
+            self.backlog = Some((id, at));
         }
-        self.collect();
+    }
+
+    /// Where the backlog reader goes on. Ends the backlog when it has caught up with
+    /// everything journaled.
+    pub fn backlog_next(&mut self) -> Next {
+        loop {
+            let Some((id, at)) = self.backlog else {
+                return Next::Idle;
+            };
+            // A segment dropped by drop_oldest: go on from the oldest left.
+            let Some(i) = self.segments.iter().position(|s| s.id >= id) else {
+                self.backlog = None;
+                return Next::Idle;
+            };
+            let s = &self.segments[i];
+            let at = if s.id == id { at } else { 0 };
+            if at < s.written {
+                return Next::Read {
+                    seg: s.id,
+                    path: s.path.clone(),
+                    from: at,
+                    to: s.written,
+                    bytes: None,
+                    adopted: !s.new,
+                };
+            }
+            if at < s.bytes {
+                if self.committing {
+                    return Next::WaitCommit;
+                }
+                let p = self
+                    .pending
+                    .iter()
+                    .find(|p| p.seg == s.id)
+                    .expect("unwritten bytes are pending");
+                return Next::Read {
+                    seg: s.id,
+                    path: s.path.clone(),
+                    from: at,
+                    to: s.bytes,
+                    bytes: Some(p.buf[(at - p.pos) as usize..].to_vec()),
+                    adopted: false,
+                };
+            }
+            // This segment is read to its end.
+            let (sid, adopted, last) = (s.id, !s.new, i + 1 == self.segments.len());
+            if adopted {
+                self.segments[i].open = false;
+            }
+            if last {
+                self.backlog = None;
+                self.collect();
+                return Next::Idle;
+            }
+            self.backlog = Some((self.segments[i + 1].id, 0));
+            let _ = sid;
+            self.collect();
+        }
+    }
+
+    /// The reader ingested `seg` up to `to`.
+    pub fn backlog_done(&mut self, seg: SegId, to: u64) {
+        if let Some((id, at)) = &mut self.backlog
+            && *id == seg
+        {
+            *at = (*at).max(to);
+        }
     }
 
     fn seg(&mut self, id: SegId) -> Option<&mut Segment> {
@@ -244,8 +352,12 @@ impl Journal {
             self.drop_oldest();
         }
         let id = self.active();
+        let diverted = self.backlog.is_some();
         let seg = self.segments.back_mut().expect("active");
-        seg.live += 1;
+        // A backlog entry is counted live when the reader ingests it.
+        if !diverted {
+            seg.live += 1;
+        }
         let pos = seg.bytes;
         let path = seg.path.clone();
         let piece = match self.pending.last_mut() {
@@ -318,12 +430,14 @@ impl Journal {
         self.collect();
     }
 
-    /// Deletes the segments with nothing live, nothing pending, and no more to take.
+    /// Deletes the segments with nothing live, nothing pending, no more to take, and no
+    /// backlog still to read.
     fn collect(&mut self) {
+        let keep_from = self.backlog.map_or(SegId::MAX, |(id, _)| id);
         let mut i = 0;
         while i < self.segments.len() {
             let s = &self.segments[i];
-            if !s.open && s.live == 0 && s.written == s.bytes {
+            if s.id < keep_from && !s.open && s.live == 0 && s.written == s.bytes {
                 let s = self.segments.remove(i).expect("in range");
                 self.total -= s.bytes;
                 if let Err(e) = std::fs::remove_file(&s.path)
@@ -346,6 +460,12 @@ impl Journal {
             }
             let s = self.segments.pop_front().expect("checked");
             self.total -= s.bytes;
+            if let Some((id, at)) = &mut self.backlog
+                && *id == s.id
+            {
+                *id = self.segments[0].id;
+                *at = 0;
+            }
             self.counts.dropped_segments += 1;
             self.counts.dropped_bytes += s.bytes;
             let _ = std::fs::remove_file(&s.path);
@@ -397,6 +517,7 @@ impl Journal {
         }
         self.pending_bytes = 0;
         self.first_pending = None;
+        self.committing = true;
         Some(Commit {
             pieces: std::mem::take(&mut self.pending),
             upto: self.appended,
@@ -411,6 +532,7 @@ impl Journal {
             }
         }
         self.counts.commits += 1;
+        self.committing = false;
         self.synced = c.upto;
         self.collect();
         self.synced

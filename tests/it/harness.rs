@@ -70,7 +70,11 @@ impl Sluice {
     }
 
     pub fn start_with(name: &str, config: &str, opts: Opts) -> Sluice {
-        let dir = scratch_dir(name);
+        Sluice::start_in(scratch_dir(name), config, opts)
+    }
+
+    /// Starts sluice on `config` in `dir` (again, for a restart on the same files).
+    pub fn start_in(dir: PathBuf, config: &str, opts: Opts) -> Sluice {
         let config = config.replace("{dir}", dir.to_str().unwrap());
         let path = dir.join("sluice.toml");
         std::fs::write(&path, config).unwrap();

@@ -18,3 +18,4 @@ mod json_lines;
 mod kinesis;
 #[path = "../support/forward.rs"]
 mod support;
+mod wal;
