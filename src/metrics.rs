@@ -79,7 +79,7 @@ counters!(
         /// Bytes of unsettled entries dropped by `full = "drop_oldest"`.
         wal_dropped_bytes,
         wal_write_errors,
-        /// Bytes of the live segments (a gauge).
+        /// Bytes of the segments on disk, until they are settled and deleted (a gauge).
         wal_live_bytes,
     }
 );
@@ -281,7 +281,7 @@ fn core_help(field: &str) -> &'static str {
         "wal_damaged" => "Damaged write-ahead log entries skipped at start-up",
         "wal_dropped_bytes" => "Unsettled write-ahead log bytes dropped when it was full",
         "wal_write_errors" => "Write-ahead log commits that failed and were retried",
-        "wal_live_bytes" => "Bytes of the write-ahead log not yet settled",
+        "wal_live_bytes" => "Bytes of write-ahead log segments on disk, deleted once settled",
         _ => "",
     }
 }

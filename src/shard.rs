@@ -97,6 +97,8 @@ pub struct Shard {
     pub phase: Phase,
     /// The pump task, woken when a connection finds the shard blocked.
     pump: Option<std::task::Waker>,
+    /// The pump last found batches held, so parked connections wait on it.
+    pump_blocked: bool,
     /// The Forward connection paused in the middle of a frame, if any.
     mid_frame: Option<Rc<Link>>,
     warn: Warnings,
@@ -178,6 +180,7 @@ impl Shard {
             links: Vec::new(),
             phase: Phase::Running,
             pump: None,
+            pump_blocked: false,
             mid_frame: None,
             warn: Warnings::default(),
             per_input: vec![InputCounters::default(); cfg.inputs.len()],
@@ -598,8 +601,11 @@ impl Shard {
         if !link.parked.replace(true) {
             self.counters.backpressure_waits += 1;
             self.parked.push(link.clone());
-            // The pump may not be waiting on the full ring yet.
-            if let Some(w) = &self.pump {
+            // The pump may not be waiting on the full ring yet. (A connection the journal
+            // holds back is woken by a commit or a settled batch instead.)
+            if self.batchers.iter().any(Batcher::blocked)
+                && let Some(w) = &self.pump
+            {
                 w.wake_by_ref();
             }
         }
@@ -635,23 +641,27 @@ impl Shard {
         if !self.pump.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             self.pump = Some(cx.waker().clone());
         }
+        let mut settled = false;
         for s in 0..self.done.len() {
             while let Poll::Ready(Some(batch)) = self.done[s].poll_pop(cx) {
+                settled = true;
                 for &t in &batch.tickets {
                     self.settle(t);
                 }
                 self.batchers[s].recycle(batch);
             }
         }
-        // Parked connections wake once batches flow; those the journal still holds back
-        // park again (the backlog reader must wake even while the journal is full).
+        // Parked connections wake once batches flow again, or once something settled
+        // (which may have made room in the journal); those the journal still holds back
+        // park again. The backlog reader must wake even while the journal is full.
         let mut blocked = false;
         for b in &mut self.batchers {
             blocked |= b.poll_push(cx).is_pending();
         }
-        if !blocked {
+        if !blocked && (settled || std::mem::take(&mut self.pump_blocked)) {
             self.wake_parked();
         }
+        self.pump_blocked |= blocked;
     }
 
     /// Seals batches that have lingered long enough, and takes in new shard maps.

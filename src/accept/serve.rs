@@ -107,7 +107,7 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     } = ctx;
     let shard: Shared = Rc::new(RefCell::new(Shard::new(core, &cfg, rings)));
     if let Some(w) = &cfg.wal {
-        match Journal::new(core, w) {
+        match Journal::new(core, cfg.engine.workers, w) {
             Ok(mut j) => {
                 // An earlier run's segments are the first backlog.
                 let mut bytes = 0;

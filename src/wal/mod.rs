@@ -167,8 +167,11 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<(usize, Vec<PathBuf>)>> {
 }
 
 impl Journal {
-    /// The journal of `core`, whose new segments follow the ones already in its directory.
-    pub fn new(core: usize, cfg: &Wal) -> std::io::Result<Self> {
+    /// The journal of `core`, one of `workers`, whose new segments follow the ones already
+    /// in its directory. Each core's share of `max_bytes` is an equal part.
+    pub fn new(core: usize, workers: usize, cfg: &Wal) -> std::io::Result<Self> {
+        let mut cfg = cfg.clone();
+        cfg.max_bytes = (cfg.max_bytes / workers.max(1) as u64).max(1 << 20);
         let dir = cfg.dir.join(format!("core-{core}"));
         std::fs::create_dir_all(&dir)?;
         let mut next_seq = 1;
@@ -181,7 +184,7 @@ impl Journal {
             core,
             dir,
             segment_bytes: SEGMENT_BYTES.min(cfg.max_bytes / 4).max(64 << 10),
-            cfg: cfg.clone(),
+            cfg,
             segments: VecDeque::new(),
             next_id: 0,
             next_seq,

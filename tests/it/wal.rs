@@ -324,7 +324,7 @@ fn throttle_secs() -> u64 {
 }
 
 /// A service that throttles every record for two minutes under a steady Forward load,
-/// with `ack = "durable"` and an 8 MiB log: acks keep coming while the log has room, then
+/// with `ack = "durable"` and a 4 MiB log: acks keep coming while the log has room, then
 /// the client is slowed by TCP (sluice stops reading), memory stays within its budget, and
 /// after recovery every event is delivered exactly once.
 #[test]
@@ -345,7 +345,7 @@ fn two_minutes_of_throttling_fill_the_log_then_tcp_slows_the_client_and_nothing_
         )
         .replace(
             "sync_interval = \"20ms\"",
-            "sync_interval = \"20ms\"\nmax_bytes = \"8MiB\"",
+            "sync_interval = \"20ms\"\nmax_bytes = \"4MiB\"",
         );
     let mut s = Sluice::start_in(dir.clone(), &cfg, Opts::default());
     let started = Instant::now();
@@ -409,7 +409,8 @@ fn two_minutes_of_throttling_fill_the_log_then_tcp_slows_the_client_and_nothing_
         std::thread::sleep(Duration::from_millis(500));
         peak_rss = peak_rss.max(s.rss_kib());
         let live = s.stats().get("wal_live_bytes").copied().unwrap_or(0);
-        full |= live >= 7 << 20;
+        // One core takes the connection, and has half of max_bytes.
+        full |= live >= 7 << 18;
         if started.elapsed() < Duration::from_secs(10) {
             acked_at_10s = acks.lock().unwrap().len();
         }
@@ -426,7 +427,8 @@ fn two_minutes_of_throttling_fill_the_log_then_tcp_slows_the_client_and_nothing_
     wait_seen(&fake, "every event", PATIENCE, |seen| {
         seen.records as usize >= total * 40
     });
-    s.wait_stat("wal_live_bytes", |n| n < 1 << 20);
+    // Settled segments go; the one taking entries stays.
+    s.wait_stat("wal_live_bytes", |n| n <= 2 << 20);
     let (status, logs) = s.stop();
     assert!(status.success(), "{}", logs.join("\n"));
 
