@@ -35,8 +35,12 @@ pub use entry::Kind;
 /// A segment's place in its core's journal, carried by the ledger for each live entry.
 pub type SegId = u32;
 
-/// A segment takes new entries until it is this large (or a quarter of `max_bytes`).
+/// A segment takes new entries until it is this large (or a quarter of `max_bytes`)...
 pub const SEGMENT_BYTES: u64 = 4 << 20;
+/// ...or this old. An entry's bytes stay on disk until its whole segment is settled, and
+/// after a crash a segment is replayed whole, so young segments bound what a crash sends
+/// twice: about this long of input, plus what was not yet delivered.
+pub const SEGMENT_AGE: Duration = Duration::from_millis(250);
 
 struct Segment {
     id: SegId,
@@ -51,6 +55,7 @@ struct Segment {
     open: bool,
     /// Started by this run (not adopted for replay), so it may take entries.
     new: bool,
+    started: Instant,
 }
 
 /// Entries bound for one segment file, from `pos`; a commit writes each piece, then syncs.
@@ -221,6 +226,7 @@ impl Journal {
             live: 0,
             open: true,
             new: false,
+            started: Instant::now(),
         });
         id
     }
@@ -320,7 +326,9 @@ impl Journal {
     /// The segment taking entries, with room for more, started if need be.
     fn active(&mut self) -> SegId {
         let full = match self.segments.back() {
-            Some(s) if s.open && s.new => s.bytes >= self.segment_bytes,
+            Some(s) if s.open && s.new => {
+                s.bytes >= self.segment_bytes || (s.bytes > 0 && s.started.elapsed() >= SEGMENT_AGE)
+            }
             _ => true,
         };
         if full {
@@ -341,6 +349,7 @@ impl Journal {
                 live: 0,
                 open: true,
                 new: true,
+                started: Instant::now(),
             });
             self.collect();
         }

@@ -18,4 +18,5 @@ mod json_lines;
 mod kinesis;
 #[path = "../support/forward.rs"]
 mod support;
+mod tracer;
 mod wal;
