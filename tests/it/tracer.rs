@@ -226,6 +226,17 @@ fn by_kind(per: &[usize; 11]) -> (usize, usize, usize) {
     (term, kill, per[10])
 }
 
+/// The log's segment files.
+fn segments(wal: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for c in std::fs::read_dir(wal).unwrap() {
+        for f in std::fs::read_dir(c.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out
+}
+
 fn run(ack: &str) -> Vec<(&'static str, Tally)> {
     let kinesis = Emulator::moto();
     kinesis.tool(&["create-stream", "tracer", "2"]);
@@ -281,6 +292,12 @@ fn run(ack: &str) -> Vec<(&'static str, Tally)> {
                 status.success(),
                 "SIGTERM {i}: {status}\n{}",
                 logs.join("\n")
+            );
+            // The drain delivered everything: nothing is left to replay.
+            let left = segments(&dir.join("wal"));
+            assert!(
+                left.is_empty(),
+                "ack={ack}: left after SIGTERM {i}: {left:?}"
             );
         } else {
             signal(s.pid(), "KILL");
