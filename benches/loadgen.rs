@@ -22,7 +22,7 @@
 //!   cargo bench --bench loadgen -- [--sink null] [--connections 4] [--seconds 10]
 //!       [--warmup 2] [--events-per-frame 1000] [--event-bytes 200] [--window 8]
 //!       [--workers N] [--shards 2048] [--gib X] [--tls] [--throttle P] [--capacity]
-//!       [--sluice PATH] [--sink-option 'KEY = VALUE'] [--io uring|epoll]
+//!       [--sluice PATH] [--sink-option 'KEY = VALUE'] [--io uring|epoll] [--wal-sync 20ms]
 //!       [--addr HOST:PORT --pid PID]
 //!
 //! `--sluice` starts another build of sluice than this one, to compare two builds in one
@@ -53,6 +53,8 @@ struct Args {
     workers: Option<usize>,
     /// `engine.io` for the sluice this starts (its default, `auto`, if not given).
     io: Option<String>,
+    /// With a write-ahead log, synced this often (`--wal-sync 20ms`).
+    wal_sync: Option<String>,
     shards: usize,
     gib: Option<f64>,
     tls: bool,
@@ -78,6 +80,7 @@ fn runs() -> Vec<Args> {
         window: 8,
         workers: None,
         io: None,
+        wal_sync: None,
         shards: 2048,
         gib: None,
         tls: false,
@@ -103,6 +106,7 @@ fn runs() -> Vec<Args> {
             "--window" => a.window = v().parse().unwrap(),
             "--workers" => a.workers = Some(v().parse().unwrap()),
             "--io" => a.io = Some(v()),
+            "--wal-sync" => a.wal_sync = Some(v()),
             "--shards" => a.shards = v().parse().unwrap(),
             "--gib" => a.gib = Some(v().parse().unwrap()),
             "--tls" => a.tls = true,
@@ -305,10 +309,17 @@ fn start_sluice(a: &Args, fake: Option<&Fake>) -> (Child, SocketAddr) {
         sink.push_str(o);
     }
     let dead = dir.join("dead");
+    let wal = match &a.wal_sync {
+        Some(sync) => format!(
+            "[wal]\ndir = {:?}\nsync_interval = {sync:?}\n\n",
+            dir.join("wal")
+        ),
+        None => String::new(),
+    };
     std::fs::write(
         &cfg,
         format!(
-            "[engine]\n{workers}stats_interval = \"1s\"\ndead_letter_dir = {dead:?}\n\n\
+            "[engine]\n{workers}stats_interval = \"1s\"\ndead_letter_dir = {dead:?}\n\n{wal}\
              [inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\n\
              [sinks.out]\n{sink}\n\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\n"
         ),
