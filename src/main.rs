@@ -47,6 +47,39 @@ enum Command {
     },
     /// Print the embedded default config, a starting point for your own.
     DefaultConfig,
+    /// List or send again the records in the dead-letter directory (engine.dead_letter_dir).
+    Dlq {
+        #[command(subcommand)]
+        action: Dlq,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// List the dead-letter files: sink, records and the reason they were refused.
+    List {
+        /// The TOML config file (for engine.dead_letter_dir).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this sink's files.
+        #[arg(long)]
+        sink: Option<String>,
+    },
+    /// Send the dead-lettered records again, with their keys, to the sink that refused
+    /// them (as the config now defines it), once the cause is fixed. Each file is removed
+    /// once all its records are accepted; a file still refused is kept, and the command
+    /// exits 1.
+    Replay {
+        /// The TOML config file: the dead-letter directory and the sinks.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this sink's files.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only files written since: an RFC 3339 time, or an age such as "2h".
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +96,7 @@ fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             Ok(())
         }
+        Some(Command::Dlq { action }) => dlq(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,6 +154,75 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     sluice::engine::run(cfg)?;
+    Ok(())
+}
+
+fn dlq(action: Dlq) -> anyhow::Result<()> {
+    use sluice::emit::dlq;
+    let (config, sink, since) = match &action {
+        Dlq::List { config, sink } => (config, sink, None),
+        Dlq::Replay {
+            config,
+            sink,
+            since,
+        } => (config, sink, since.as_deref()),
+    };
+    let cfg = load(Some(config))?;
+    let since = since
+        .map(|s| {
+            humantime::parse_rfc3339_weak(s)
+                .or_else(|_| humantime::parse_duration(s).map(|d| std::time::SystemTime::now() - d))
+                .map_err(|_| {
+                    anyhow::anyhow!("--since {s:?}: give an RFC 3339 time or an age like \"2h\"")
+                })
+        })
+        .transpose()?;
+    let dir = &cfg.engine.dead_letter_dir;
+    let files = dlq::files(dir, sink.as_deref(), since)
+        .with_context(|| format!("cannot read the dead-letter directory {}", dir.display()))?;
+    if files.is_empty() {
+        println!("No dead-letter files in {}.", dir.display());
+        return Ok(());
+    }
+    if let Dlq::List { .. } = action {
+        for f in &files {
+            let d = dlq::read(f).map_err(anyhow::Error::msg)?;
+            println!(
+                "{}\tsink={}\trecords={}\treason={}",
+                f.display(),
+                d.sink,
+                d.records.len(),
+                d.reason
+            );
+        }
+        return Ok(());
+    }
+    init_logging(cfg.engine.log_format);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let (mut sent, mut kept) = (0, 0);
+    for f in &files {
+        let d = dlq::read(f).map_err(anyhow::Error::msg)?;
+        match rt.block_on(dlq::replay(&cfg, &d)) {
+            Ok(n) => {
+                sent += n;
+                println!("{}: {n} records sent, file removed", f.display());
+            }
+            Err(e) => {
+                kept += 1;
+                eprintln!("{}: {e}", f.display());
+            }
+        }
+    }
+    println!(
+        "{sent} records sent again from {} files; {kept} files kept.",
+        files.len() - kept
+    );
+    if kept > 0 {
+        anyhow::bail!("{kept} dead-letter files could not be sent and were kept");
+    }
     Ok(())
 }
 

@@ -155,6 +155,36 @@ impl Kinesis {
         }
     }
 
+    /// Sends dead-lettered records again with the SDK's PutRecords, keys and all. Returns
+    /// each record's error code, `None` for the accepted.
+    pub async fn put_sdk(
+        &self,
+        records: &[&super::dlq::DeadRecord],
+    ) -> Result<Vec<Option<String>>, String> {
+        use aws_sdk_kinesis::primitives::Blob;
+        use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+        let mut req = self.client.put_records();
+        req = match self.is_arn() {
+            true => req.stream_arn(&self.stream),
+            false => req.stream_name(&self.stream),
+        };
+        for r in records {
+            let e = PutRecordsRequestEntry::builder()
+                .data(Blob::new(r.data.clone()))
+                .partition_key(&r.partition_key)
+                .set_explicit_hash_key(r.explicit_hash_key.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
+            req = req.records(e);
+        }
+        let out = req.send().await.map_err(|e| describe(&e))?;
+        Ok(out
+            .records()
+            .iter()
+            .map(|r| r.error_code().map(str::to_string))
+            .collect())
+    }
+
     /// The stream's open shards.
     pub async fn shards(&self) -> Result<ShardMap, String> {
         let mut shards = Vec::new();
@@ -230,6 +260,33 @@ impl Firehose {
             put,
             stream: sink.delivery_stream.clone(),
         })
+    }
+
+    /// Sends dead-lettered records again with the SDK's PutRecordBatch, as
+    /// [`Kinesis::put_sdk`].
+    pub async fn put_sdk(
+        &self,
+        records: &[&super::dlq::DeadRecord],
+    ) -> Result<Vec<Option<String>>, String> {
+        use aws_sdk_firehose::primitives::Blob;
+        use aws_sdk_firehose::types::Record;
+        let mut req = self
+            .client
+            .put_record_batch()
+            .delivery_stream_name(&self.stream);
+        for r in records {
+            let rec = Record::builder()
+                .data(Blob::new(r.data.clone()))
+                .build()
+                .map_err(|e| e.to_string())?;
+            req = req.records(rec);
+        }
+        let out = req.send().await.map_err(|e| describe(&e))?;
+        Ok(out
+            .request_responses()
+            .iter()
+            .map(|r| r.error_code().map(str::to_string))
+            .collect())
     }
 
     /// Sends records `idx` of `batch` in one PutRecordBatch request, as [`Kinesis::put`].

@@ -12,6 +12,7 @@ pub mod aws;
 pub mod body;
 mod dead;
 mod deliver;
+pub mod dlq;
 mod file;
 pub mod limiter;
 pub mod request;

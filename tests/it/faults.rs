@@ -493,3 +493,83 @@ sinks = "events"
         .sum();
     assert_eq!(said, 300, "the error lines count every event:\n{all}");
 }
+
+/// Records dead-lettered because their stream did not exist are sent again by
+/// `sluice dlq replay` once it does: each exactly once, and their files are removed, so a
+/// second replay sends nothing.
+#[test]
+fn dlq_replay_sends_dead_letters_once_to_a_now_healthy_sink() {
+    use crate::harness::BIN;
+    use std::process::Command;
+    let fake = Fake::start(1, &["events"], true);
+    let mut s = Sluice::start("dlq", &CONFIG.replace("{endpoint}", &fake.endpoint()));
+    let mut conn = connect(s.addr("fwd"));
+    for c in 0..4 {
+        let events: Vec<_> = (0..50)
+            .map(|k| (Time::Int(1), record("dead", c * 50 + k, 200)))
+            .collect();
+        conn.write_all(&frame(
+            Mode::PackedBin,
+            "gone.away",
+            &events,
+            Some(&format!("d{c}")),
+        ))
+        .unwrap();
+    }
+    assert_eq!(read_acks(&mut conn, 4).len(), 4);
+    s.wait_stat("sink.gone.dead_lettered", |n| n == 200);
+    let dir = s.dir.clone();
+    let (status, _) = s.stop();
+    assert!(status.success());
+    let cli = |config: &std::path::Path, args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["dlq"])
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, listed) = cli(&dir.join("sluice.toml"), &["list", "--sink", "gone"]);
+    assert!(ok, "{listed}");
+    let files = listed.lines().filter(|l| l.contains("sink=gone")).count();
+    assert!(files >= 1, "{listed}");
+    assert!(listed.contains("ResourceNotFoundException"), "{listed}");
+
+    // The cause is fixed: the stream exists (on a new endpoint).
+    let fixed = Fake::start(1, &["missing"], true);
+    let config = dir.join("fixed.toml");
+    std::fs::write(
+        &config,
+        CONFIG
+            .replace("{endpoint}", &fixed.endpoint())
+            .replace("{dir}", dir.to_str().unwrap()),
+    )
+    .unwrap();
+    let (ok, out) = cli(&config, &["replay", "--sink", "gone", "--since", "1h"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("200 records sent again"), "{out}");
+    let seen = fixed.seen.lock().unwrap();
+    let mut seqs: Vec<u64> = seen
+        .data
+        .iter()
+        .map(|d| {
+            serde_json::from_slice::<serde_json::Value>(d).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    drop(seen);
+    seqs.sort();
+    assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "each record once");
+    let (ok, out) = cli(&config, &["replay"]);
+    assert!(ok && out.contains("No dead-letter files"), "{out}");
+    assert_eq!(fixed.seen.lock().unwrap().records, 200);
+}
