@@ -295,7 +295,7 @@ impl Journal {
                 };
             }
             // This segment is read to its end.
-            let (sid, adopted, last) = (s.id, !s.new, i + 1 == self.segments.len());
+            let (adopted, last) = (!s.new, i + 1 == self.segments.len());
             if adopted {
                 self.segments[i].open = false;
             }
@@ -305,7 +305,6 @@ impl Journal {
                 return Next::Idle;
             }
             self.backlog = Some((self.segments[i + 1].id, 0));
-            let _ = sid;
             self.collect();
         }
     }
@@ -561,5 +560,125 @@ impl Journal {
     /// Live segments, and their bytes.
     pub fn size(&self) -> (usize, u64) {
         (self.segments.len(), self.total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(name: &str, max_bytes: u64) -> Journal {
+        let dir = std::env::temp_dir().join(format!("sluice-wal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = Wal {
+            dir,
+            sync_interval: Duration::from_millis(20),
+            sync_bytes: 1 << 20,
+            max_bytes,
+            full: WalFull::Block,
+        };
+        Journal::new(0, 1, &cfg).unwrap()
+    }
+
+    const T: EventTime = EventTime { secs: 1, nanos: 0 };
+
+    /// Writes a commit the way the journal task does.
+    fn write(c: &Commit) {
+        use std::os::unix::fs::FileExt;
+        for p in &c.pieces {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(p.pos == 0)
+                .open(&p.path)
+                .unwrap();
+            f.write_all_at(&p.buf, p.pos).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_segment_goes_once_everything_in_it_settles_and_it_is_done() {
+        let mut j = journal("settle", 1 << 30);
+        let (a, s1) = j.append(Kind::Forward, "in", T, b"one");
+        let (b, s2) = j.append(Kind::Forward, "in", T, b"two");
+        assert_eq!((a, s1 + 1), (b, s2));
+        let c = j.take_commit().unwrap();
+        write(&c);
+        assert_eq!(j.committed(&c), s2);
+        let path = c.pieces[0].path.clone();
+        assert!(path.exists());
+        j.release(a);
+        j.release(a);
+        assert!(
+            path.exists(),
+            "the active segment stays while it takes entries"
+        );
+        j.close();
+        assert!(!path.exists(), "settled and closed: deleted");
+        assert_eq!(j.size(), (0, 0));
+    }
+
+    #[test]
+    fn the_backlog_is_read_from_the_file_then_from_pending_and_then_ends() {
+        let mut j = journal("backlog", 1 << 30);
+        j.start_backlog();
+        assert!(j.backlogged());
+        j.append(Kind::JsonLines, "in", T, b"{\"a\":1}");
+        let c = j.take_commit().unwrap();
+        assert!(matches!(j.backlog_next(), Next::WaitCommit));
+        write(&c);
+        j.committed(&c);
+        j.append(Kind::JsonLines, "in", T, b"{\"a\":2}");
+        // The committed entry, from its file.
+        let Next::Read {
+            seg,
+            from,
+            to,
+            bytes: None,
+            ..
+        } = j.backlog_next()
+        else {
+            panic!("expected a read from the file")
+        };
+        assert_eq!(from, 0);
+        j.hold(seg);
+        j.backlog_done(seg, to);
+        // The pending one, from memory.
+        let Next::Read {
+            from: f2,
+            bytes: Some(b),
+            to: t2,
+            ..
+        } = j.backlog_next()
+        else {
+            panic!("expected the pending bytes")
+        };
+        assert_eq!(f2, to);
+        assert!(matches!(entry::scan(&b, 0), entry::Scanned::Entry { .. }));
+        j.backlog_done(seg, t2);
+        assert!(matches!(j.backlog_next(), Next::Idle));
+        assert!(!j.backlogged(), "caught up: input is routed directly again");
+    }
+
+    #[test]
+    fn a_full_log_blocks_until_segments_settle() {
+        let mut j = journal("full", 1 << 20);
+        let big = vec![b'x'; 100 << 10];
+        let mut held = Vec::new();
+        while !j.blocks() {
+            held.push(j.append(Kind::Forward, "in", T, &big).0);
+            if let Some(c) = j.take_commit() {
+                write(&c);
+                j.committed(&c);
+            }
+        }
+        assert!(j.full());
+        for seg in held {
+            j.release(seg);
+        }
+        assert!(
+            !j.blocks(),
+            "settled segments are deleted, and the log has room"
+        );
     }
 }
