@@ -573,3 +573,55 @@ fn dlq_replay_sends_dead_letters_once_to_a_now_healthy_sink() {
     assert!(ok && out.contains("No dead-letter files"), "{out}");
     assert_eq!(fixed.seen.lock().unwrap().records, 200);
 }
+
+/// `max_unacked_bytes` bounds what one connection may have read and not yet acked: with
+/// acks waiting on a slow service, sluice stops reading the connection at the cap (plus at
+/// most one read) and goes on as acks come back.
+#[test]
+fn a_connection_stops_being_read_at_max_unacked_bytes() {
+    let fake = Fake::start(4, &["events"], true);
+    fake.set(Faults {
+        delay: Some(Duration::from_secs(3)),
+        ..Faults::default()
+    });
+    let config = CONFIG.replace("{endpoint}", &fake.endpoint()).replace(
+        "[inputs.fwd]\ntype = \"forward\"\n",
+        "[inputs.fwd]\ntype = \"forward\"\nmax_unacked_bytes = \"64KiB\"\n",
+    );
+    let mut s = Sluice::start("unacked", &config);
+    let frames: Vec<Vec<u8>> = (0..30)
+        .map(|f| {
+            let events: Vec<_> = (0..10)
+                .map(|k| (Time::Int(1), record("capped", f * 10 + k, 1000)))
+                .collect();
+            frame(Mode::PackedBin, "app", &events, Some(&format!("u{f}")))
+        })
+        .collect();
+    let frame_bytes = frames[0].len();
+    let mut conn = connect(s.addr("fwd"));
+    let mut acks_conn = conn.try_clone().unwrap();
+    let acks = std::thread::spawn(move || read_acks(&mut acks_conn, 30).len());
+    std::thread::spawn(move || {
+        for f in frames {
+            conn.write_all(&f).unwrap();
+        }
+        conn
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let read = s.stats()["frames_in"];
+    // The cap, plus what one 64 KiB read brought in past it.
+    let bound = (128 << 10) / frame_bytes + 1;
+    assert!(
+        read as usize <= bound,
+        "{read} frames of {frame_bytes} B read with acks pending; bound {bound}"
+    );
+    eprintln!("{read} frames of {frame_bytes} B read while their acks waited (bound {bound})");
+    assert!(read > 0);
+    assert_eq!(
+        acks.join().unwrap(),
+        30,
+        "every chunk acked as the service answered"
+    );
+    let stats = s.wait_stat("sink.events.records", |n| n == 300);
+    assert_eq!(stats["frames_in"], 30);
+}
