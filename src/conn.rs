@@ -540,36 +540,65 @@ pub fn ingest_datagram(
 }
 
 /// Routes the records of one HTTP request, all or none: every record is checked before
-/// any is taken. Returns how many there were.
+/// any is taken. Returns how many there were, and with a write-ahead log the serial of
+/// its journal entry, whose commit the reply waits for.
 pub fn ingest_http(
     shard: &mut Shard,
     parser: &mut JsonParser,
     input: usize,
     req: &mut Ingest,
-) -> Result<usize, DecodeError> {
+) -> (Result<usize, DecodeError>, Option<u64>) {
     let time = req.time.unwrap_or_else(EventTime::now);
     shard.read(input, req.len());
     let len = req.len();
-    let tag = &req.tag;
-    let taken = match req.payload {
-        Payload::Json => parser.parse_each(&mut req.records, len, |obj| {
-            shard.ingest_json(input, tag, time, obj, None);
-        }),
-        Payload::Msgpack => msgpack_records(&req.records).map(|records| {
-            let mut events = records.iter().map(|&record| Event { time, record });
-            // A held batch pauses a Forward frame; a request is taken whole, as a JSON
-            // line is, so its body (bounded by max_body_bytes) is the most it overshoots.
-            while let Ingested::Paused(_) = shard.ingest_msgpack(input, tag, events.by_ref(), None)
-            {
-            }
-            records.len()
-        }),
-    };
+    let entry = shard.open_http(input, time, req.payload, &req.tag, &req.records[..len]);
+    let ticket = entry.map(|e| e.0);
+    let taken = route_request(
+        shard,
+        parser,
+        input,
+        &req.tag,
+        time,
+        req.payload,
+        &mut req.records,
+        len,
+        ticket,
+    );
+    shard.close_frame(ticket);
     match taken {
         Ok(_) => shard.counters.http_requests += 1,
         Err(e) => shard.refused(e, "Refusing an HTTP request", None),
     }
-    taken
+    (taken, entry.map(|e| e.1))
+}
+
+/// Routes an HTTP request's records (`records[..len]`, padded for JSON), all or none.
+#[allow(clippy::too_many_arguments)]
+fn route_request(
+    shard: &mut Shard,
+    parser: &mut JsonParser,
+    input: usize,
+    tag: &str,
+    time: EventTime,
+    payload: Payload,
+    records: &mut [u8],
+    len: usize,
+    ticket: Option<Ticket>,
+) -> Result<usize, DecodeError> {
+    match payload {
+        Payload::Json => parser.parse_each(records, len, |obj| {
+            shard.ingest_json(input, tag, time, obj, ticket);
+        }),
+        Payload::Msgpack => msgpack_records(&records[..len]).map(|records| {
+            let mut events = records.iter().map(|&record| Event { time, record });
+            // A held batch pauses a Forward frame; a request is taken whole, as a JSON
+            // line is, so its body (bounded by max_body_bytes) is the most it overshoots.
+            while let Ingested::Paused(_) =
+                shard.ingest_msgpack(input, tag, events.by_ref(), ticket)
+            {}
+            records.len()
+        }),
+    }
 }
 
 /// Journal entries read back — the backlog, and an earlier run's segments — ingested as a
@@ -754,6 +783,35 @@ impl Replay {
                             return Progress::Blocked;
                         }
                     }
+                }
+                Kind::Http => {
+                    let Some((payload, tag, records)) = entry::http_payload(entry.payload) else {
+                        self.damaged(shard, self.at, next - self.at, "not an HTTP request");
+                        self.at = next;
+                        continue;
+                    };
+                    self.lines.clear();
+                    self.lines.extend_from_slice(records);
+                    let len = self.lines.len();
+                    self.lines.resize(len + JSON_PADDING, 0);
+                    let ticket = Some(shard.open_replayed(self.seg));
+                    let input = input.unwrap_or(0);
+                    let tag = tag.to_string();
+                    if let Err(e) = route_request(
+                        shard,
+                        &mut self.parser,
+                        input,
+                        &tag,
+                        entry.time,
+                        payload,
+                        &mut self.lines,
+                        len,
+                        ticket,
+                    ) {
+                        shard.refused(e, "Refusing a replayed HTTP request", None);
+                    }
+                    shard.close_frame(ticket);
+                    self.at = next;
                 }
                 Kind::JsonLines => {
                     let fallback;

@@ -19,6 +19,7 @@ use crate::budget::Budget;
 use crate::config::{AckPolicy, Config, InputKind};
 use crate::conn::Link;
 use crate::decode::forward::{Event, Events, Frame};
+use crate::decode::http::Payload;
 use crate::decode::jsonl::Object;
 use crate::decode::{DecodeError, EventTime};
 use crate::metrics::{CoreCounters, ErrorCounts, InputCounters, Report, Reporter};
@@ -309,6 +310,31 @@ impl Shard {
         if let Some(t) = ticket {
             self.settle(t);
         }
+    }
+
+    /// Journals an HTTP request's records (with a WAL) and opens the ticket for its events.
+    /// Returns it with the entry's serial, which the reply waits to see synced.
+    pub fn open_http(
+        &mut self,
+        input: usize,
+        time: EventTime,
+        payload: Payload,
+        tag: &str,
+        records: &[u8],
+    ) -> Option<(Ticket, u64)> {
+        let j = self.journal.as_mut()?;
+        let (seg, serial) = j.begin(Kind::Http, &self.inputs[input].0, time);
+        let mut head = Vec::with_capacity(3 + tag.len());
+        crate::wal::entry::http_head(&mut head, payload, tag);
+        j.extend(&head);
+        j.extend(records);
+        j.end();
+        Some((self.ledger.open(None, 0, Some(seg)), serial))
+    }
+
+    /// The last journal serial a group commit made durable.
+    pub fn durable_upto(&self) -> u64 {
+        self.journal.as_ref().map_or(u64::MAX, Journal::synced)
     }
 
     /// Adds one line (without its newline) to the open JSON-lines entry.

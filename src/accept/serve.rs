@@ -203,7 +203,7 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
         };
         inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
     }
-    inputs.push(R::spawn(http_jobs(http, shard.clone())));
+    inputs.push(R::spawn(http_jobs::<R>(http, shard.clone())));
     let _ = ready.send(Ok(()));
 
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -801,18 +801,33 @@ async fn wait_while(link: &Rc<Link>, shard: &Shared, blocked: fn(&Shard, &Rc<Lin
 
 /// Routes the HTTP inputs' requests that the HTTP thread hands this core, one at a time,
 /// waiting while the shard is blocked (the HTTP thread, and its client, wait with it).
-async fn http_jobs(mut jobs: tokio::sync::mpsc::Receiver<Job>, shard: Shared) {
+/// With a write-ahead log, a request is answered once its entry is synced, as a durable
+/// ack is, while the next one is routed.
+async fn http_jobs<R: Runtime>(mut jobs: tokio::sync::mpsc::Receiver<Job>, shard: Shared) {
     let mut parser = JsonParser::default();
     let link = Rc::new(Link::default());
     while let Some(mut job) = jobs.recv().await {
         link.input.set(job.input);
         unblocked(&link, &shard).await;
-        let r = ingest_http(
+        let (r, serial) = ingest_http(
             &mut shard.borrow_mut(),
             &mut parser,
             job.input,
             &mut job.ingest,
         );
-        let _ = job.reply.send(r);
+        match serial {
+            Some(serial) if r.is_ok() => {
+                let shard = shard.clone();
+                R::spawn_detached(async move {
+                    while shard.borrow().durable_upto() < serial {
+                        R::sleep(Duration::from_millis(2)).await;
+                    }
+                    let _ = job.reply.send(r);
+                });
+            }
+            _ => {
+                let _ = job.reply.send(r);
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@
 //! scan find the next entry after a damaged one.
 
 use crate::decode::EventTime;
+use crate::decode::http::Payload;
 
 pub const MAGIC: [u8; 4] = *b"SLW1";
 pub const HEADER: usize = 24;
@@ -26,6 +27,8 @@ pub enum Kind {
     Forward = 1,
     /// Newline-separated JSON lines, stamped with the entry's time.
     JsonLines = 2,
+    /// An HTTP ingest request: see [`http_payload`].
+    Http = 3,
 }
 
 impl Kind {
@@ -33,6 +36,7 @@ impl Kind {
         match b {
             1 => Some(Kind::Forward),
             2 => Some(Kind::JsonLines),
+            3 => Some(Kind::Http),
             _ => None,
         }
     }
@@ -83,6 +87,30 @@ pub fn encode(out: &mut Vec<u8>, kind: Kind, input: &str, time: EventTime, paylo
 
 fn checksum(b: &[u8]) -> u32 {
     crc32fast::hash(b)
+}
+
+/// The head of an HTTP entry's payload: the records' format (0 JSON, 1 msgpack), then
+/// the tag's length (u16) and the tag; the records follow.
+pub fn http_head(out: &mut Vec<u8>, payload: Payload, tag: &str) {
+    out.push(match payload {
+        Payload::Json => 0,
+        Payload::Msgpack => 1,
+    });
+    let tag = &tag.as_bytes()[..tag.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(tag.len() as u16).to_le_bytes());
+    out.extend_from_slice(tag);
+}
+
+/// Splits an HTTP entry's payload into its format, tag and records.
+pub fn http_payload(p: &[u8]) -> Option<(Payload, &str, &[u8])> {
+    let payload = match *p.first()? {
+        0 => Payload::Json,
+        1 => Payload::Msgpack,
+        _ => return None,
+    };
+    let n = u16::from_le_bytes(p.get(1..3)?.try_into().ok()?) as usize;
+    let tag = std::str::from_utf8(p.get(3..3 + n)?).ok()?;
+    Some((payload, tag, &p[3 + n..]))
 }
 
 /// What a scan found at a position.

@@ -557,6 +557,11 @@ impl Journal {
         self.collect();
     }
 
+    /// The last serial a group commit made durable.
+    pub fn synced(&self) -> u64 {
+        self.synced
+    }
+
     /// Live segments, and their bytes.
     pub fn size(&self) -> (usize, u64) {
         (self.segments.len(), self.total)
