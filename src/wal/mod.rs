@@ -1,8 +1,8 @@
 //! Journal stage: the write-ahead log of what was read, so that a crash or a kill loses
 //! only what arrived in the last `sync_interval`.
 //!
-//! Each core journals the input it validated — whole Forward frames, and the JSON lines of
-//! each read — before routing it, in segments of its own under `dir/core-N/`. An entry
+//! Each core journals the input it validated — whole Forward frames, the JSON lines of
+//! each read, HTTP requests — before routing it, in segments of its own under `dir/core-N/`. An entry
 //! stays live until every batch that took one of its events is settled (delivered or
 //! dead-lettered); the ack ledger does that counting, as it does for chunks. A segment
 //! whose entries are all settled is deleted. Entries are written in group commits: every
