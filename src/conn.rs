@@ -435,20 +435,16 @@ impl Conn for JsonConn {
                     let (diverted, ticket) = *entry.get_or_insert_with(|| {
                         (divert, shard.open_lines(self.source.input, now, divert))
                     });
-                    shard.journal_line(&self.rb.data()[..len]);
-                    if !diverted {
-                        let peer = self.link.peer.get();
-                        ingest_line(
-                            shard,
-                            &mut self.parser,
-                            self.rb.data_padded(),
-                            len,
-                            &self.source,
-                            now,
-                            peer,
-                            ticket,
-                        );
-                    }
+                    let peer = self.link.peer.get();
+                    let line = Line { len, now, peer };
+                    take_line(
+                        shard,
+                        &mut self.parser,
+                        self.rb.data_padded(),
+                        &self.source,
+                        line,
+                        (diverted, ticket),
+                    );
                     self.rb.consume(consumed);
                     budget = budget.saturating_sub(consumed);
                 }
@@ -474,19 +470,15 @@ impl Conn for JsonConn {
             let (now, peer) = (EventTime::now(), self.link.peer.get());
             let divert = shard.diverts(&self.link);
             let ticket = shard.open_lines(self.source.input, now, divert);
-            shard.journal_line(&self.rb.data()[..len]);
-            if !divert {
-                ingest_line(
-                    shard,
-                    &mut self.parser,
-                    self.rb.data_padded(),
-                    len,
-                    &self.source,
-                    now,
-                    peer,
-                    ticket,
-                );
-            }
+            let line = Line { len, now, peer };
+            take_line(
+                shard,
+                &mut self.parser,
+                self.rb.data_padded(),
+                &self.source,
+                line,
+                (divert, ticket),
+            );
             shard.end_lines(ticket);
             self.rb.consume(len);
         }
@@ -521,19 +513,19 @@ pub fn ingest_datagram(
     let mut start = 0;
     while start < len {
         let end = memchr::memchr(b'\n', &buf[start..len]).map_or(len, |i| start + i);
-        shard.journal_line(&buf[start..end]);
-        if !divert {
-            ingest_line(
-                shard,
-                parser,
-                &mut buf[start..],
-                end - start,
-                source,
-                now,
-                Some(peer),
-                ticket,
-            );
-        }
+        let line = Line {
+            len: end - start,
+            now,
+            peer: Some(peer),
+        };
+        take_line(
+            shard,
+            parser,
+            &mut buf[start..],
+            source,
+            line,
+            (divert, ticket),
+        );
         start = end + 1;
     }
     shard.end_lines(ticket);
@@ -862,6 +854,31 @@ impl Replay {
             shard.abandon_frame(p.ticket);
             shard.end_pause();
         }
+    }
+}
+
+/// A line at the start of a buffer: its length, when it was read, and from whom.
+struct Line {
+    len: usize,
+    now: EventTime,
+    peer: Option<SocketAddr>,
+}
+
+/// Journals a line read live into the open entry, and routes it unless the entry goes to
+/// the backlog (`entry`: diverted, and the ticket of its events).
+fn take_line(
+    shard: &mut Shard,
+    parser: &mut JsonParser,
+    buf: &mut [u8],
+    source: &JsonSource,
+    line: Line,
+    entry: (bool, Option<Ticket>),
+) {
+    shard.journal_line(&buf[..line.len]);
+    if !entry.0 {
+        ingest_line(
+            shard, parser, buf, line.len, source, line.now, line.peer, entry.1,
+        );
     }
 }
 

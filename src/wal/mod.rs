@@ -390,6 +390,9 @@ impl Journal {
 
     pub fn extend(&mut self, bytes: &[u8]) {
         debug_assert!(self.writing.is_some());
+        if self.writing.is_none() {
+            return;
+        }
         if let Some(p) = self.pending.last_mut() {
             p.buf.extend_from_slice(bytes);
         }
