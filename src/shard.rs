@@ -22,6 +22,7 @@ use crate::decode::forward::{Event, Events, Frame};
 use crate::decode::http::Payload;
 use crate::decode::jsonl::Object;
 use crate::decode::{DecodeError, EventTime};
+use crate::emit::Delivered;
 use crate::metrics::{CoreCounters, ErrorCounts, InputCounters, Report, Reporter};
 use crate::ring::{Consumer, Producer};
 use crate::route::{Pattern, Router};
@@ -37,7 +38,7 @@ struct RouteOut {
 /// the shard maps the emitter learns.
 pub struct CoreSink {
     pub batches: Producer<Batch>,
-    pub done: Consumer<Batch>,
+    pub done: Consumer<Delivered>,
     pub framing: Framing,
     /// The field partition keys come from, if any.
     pub key_field: Option<Box<str>>,
@@ -48,7 +49,11 @@ pub struct CoreSink {
 
 impl CoreSink {
     /// A sink whose batches are plain streams of events.
-    pub fn stream(batches: Producer<Batch>, done: Consumer<Batch>, budget: Arc<Budget>) -> Self {
+    pub fn stream(
+        batches: Producer<Batch>,
+        done: Consumer<Delivered>,
+        budget: Arc<Budget>,
+    ) -> Self {
         CoreSink {
             batches,
             done,
@@ -84,7 +89,7 @@ pub struct Shard {
     router: Router,
     routes: Vec<RouteOut>,
     batchers: Vec<Batcher>,
-    done: Vec<Consumer<Batch>>,
+    done: Vec<Consumer<Delivered>>,
     /// Per sink: the partition key field, and shard map updates.
     key_fields: Vec<Option<Box<str>>>,
     shard_feeds: Vec<Option<crossbeam_channel::Receiver<Arc<ShardMap>>>>,
@@ -669,7 +674,8 @@ impl Shard {
         }
         let mut settled = false;
         for s in 0..self.done.len() {
-            while let Poll::Ready(Some(batch)) = self.done[s].poll_pop(cx) {
+            while let Poll::Ready(Some(delivered)) = self.done[s].poll_pop(cx) {
+                let batch = delivered.into_batch();
                 settled = true;
                 for &t in &batch.tickets {
                     self.settle(t);
@@ -867,7 +873,7 @@ mod tests {
 
     /// A shard with one null sink (adding tag and time), the emitter's ends of its rings,
     /// and a Forward connection.
-    fn setup() -> (Shard, Consumer<Batch>, Producer<Batch>, ForwardConn) {
+    fn setup() -> (Shard, Consumer<Batch>, Producer<Delivered>, ForwardConn) {
         let cfg = Config::parse(
             "[inputs.fwd]\ntype = \"forward\"\naddress = \"127.0.0.1:0\"\n\
              [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\ntag_key = \"tag\"\ntime_key = \"time\"\n",
@@ -928,7 +934,7 @@ mod tests {
                 }
                 // The emitter: take every sealed batch and hand it back settled.
                 while let Some(b) = batches_rx.try_pop() {
-                    assert!(done_tx.push(b).is_ok());
+                    assert!(done_tx.push(Delivered::by_test(b)).is_ok());
                 }
                 shard.poll_pump(&mut cx);
                 // The connection writes its acks.

@@ -46,7 +46,30 @@ pub struct Plan {
 /// One sink's ends of every core's rings, indexed by core.
 pub struct Ports {
     pub batches: Vec<Consumer<Batch>>,
-    pub done: Vec<Producer<Batch>>,
+    pub done: Vec<Producer<Delivered>>,
+}
+
+/// A batch the emitter has settled: every record accepted by the service, or set down in
+/// the dead-letter directory or the route's fallback, or written by a local sink. Only
+/// the emitter makes one, so nothing else can release a batch's tickets (its chunks'
+/// acks and its journal entries) by handing it back.
+pub struct Delivered(Batch);
+
+impl Delivered {
+    fn new(batch: Batch) -> Self {
+        Delivered(batch)
+    }
+
+    /// For the shard's unit tests, which play the emitter.
+    #[cfg(test)]
+    pub(crate) fn by_test(batch: Batch) -> Self {
+        Delivered(batch)
+    }
+
+    /// The batch, to release its tickets and recycle its buffers.
+    pub fn into_batch(self) -> Batch {
+        self.0
+    }
 }
 
 /// Where a sink's bytes go. Writes may block; they run on tokio's blocking pool.
@@ -470,9 +493,9 @@ async fn write_until_done(
 }
 
 /// Returns a settled batch to its core.
-async fn give_back(done: &[Producer<Batch>], batch: Batch) {
+async fn give_back(done: &[Producer<Delivered>], batch: Batch) {
     let ring = &done[batch.core];
-    let mut batch = batch;
+    let mut batch = Delivered::new(batch);
     loop {
         match ring.push(batch) {
             Ok(()) => return,
