@@ -79,7 +79,6 @@ pub struct WalCounts {
     pub entries: u64,
     pub bytes: u64,
     pub commits: u64,
-    pub replayed: u64,
     /// Entries skipped at start-up because they were damaged.
     pub damaged: u64,
     /// Segments dropped, unsettled, by `full = "drop_oldest"`, and their bytes.
