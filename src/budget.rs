@@ -8,6 +8,11 @@
 //!
 //! Settled buffers go back to pools uncharged: a pool never holds more buffers than were in
 //! use at once, and freeing them under pressure only had the allocator keep the pieces.
+//!
+//! What peers make the engine hold (connection read buffers with their unfinished frames
+//! and lines, and inflated frames) is charged too, but may take at most [`PEER_SHARE`] of
+//! the limit and never goes past it: the batches always keep the rest, so a crowd of
+//! half-sent frames cannot stop the good traffic on other connections.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,12 +20,22 @@ use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 
+/// The share of the limit (one part in this many) that peers' buffers may hold.
+pub const PEER_SHARE: usize = 2;
+
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
     peak: AtomicUsize,
     /// One per core, waiting for the budget to have room.
     waiting: Vec<AtomicWaker>,
+    /// Held for peers (also counted in `used`), and its bound.
+    peers: AtomicUsize,
+    peer_limit: usize,
+    /// Bumped whenever peers' memory is given back, so that waiters wake on a release.
+    released: AtomicUsize,
+    /// One per core, waiting for peers' memory to be given back.
+    peer_waiting: Vec<AtomicWaker>,
 }
 
 impl Budget {
@@ -30,7 +45,89 @@ impl Budget {
             used: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             waiting: (0..cores).map(|_| AtomicWaker::new()).collect(),
+            peers: AtomicUsize::new(0),
+            peer_limit: limit / PEER_SHARE,
+            released: AtomicUsize::new(0),
+            peer_waiting: (0..cores).map(|_| AtomicWaker::new()).collect(),
         })
+    }
+
+    /// Holds `n` more bytes for peers if that stays within their share.
+    pub fn try_hold(&self, n: usize) -> bool {
+        let mut cur = self.peers.load(Ordering::Relaxed);
+        loop {
+            if cur.checked_add(n).is_none_or(|t| t > self.peer_limit) {
+                return false;
+            }
+            match self.peers.compare_exchange_weak(
+                cur,
+                cur + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.adjust(0, n);
+        true
+    }
+
+    /// Holds `n` more bytes for peers, room or not (for what was bounded by the room
+    /// already).
+    pub fn hold(&self, n: usize) {
+        if n > 0 {
+            self.peers.fetch_add(n, Ordering::Relaxed);
+            self.adjust(0, n);
+        }
+    }
+
+    /// Gives back `n` bytes held for peers, waking the cores that wait for some.
+    pub fn unhold(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.peers.fetch_sub(n, Ordering::AcqRel);
+        self.adjust(n, 0);
+        self.released.fetch_add(1, Ordering::AcqRel);
+        for w in &self.peer_waiting {
+            w.wake();
+        }
+    }
+
+    /// Bytes peers may still be given.
+    pub fn peer_room(&self) -> usize {
+        self.peer_limit
+            .saturating_sub(self.peers.load(Ordering::Relaxed))
+    }
+
+    pub fn peer_limit(&self) -> usize {
+        self.peer_limit
+    }
+
+    pub fn peers_held(&self) -> usize {
+        self.peers.load(Ordering::Relaxed)
+    }
+
+    /// How many times peers' memory was given back; see [`Budget::poll_released`].
+    pub fn releases(&self) -> usize {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Ready once peers' memory was given back since [`Budget::releases`] said `seen`.
+    pub fn poll_released(&self, core: usize, seen: usize, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(w) = self.peer_waiting.get(core) else {
+            return Poll::Ready(());
+        };
+        if self.releases() != seen {
+            return Poll::Ready(());
+        }
+        w.register(cx.waker());
+        if self.releases() != seen {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// A budget that is never spent, for benches and tests of other stages.

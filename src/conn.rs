@@ -6,9 +6,11 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 
 use crate::ack::Ticket;
+use crate::budget::Budget;
 use crate::config::{Config, InputKind};
 use crate::decode::forward::{Decoded, Decoder, Event, Scratch};
 use crate::decode::http::{Ingest, Payload, msgpack_records};
@@ -19,8 +21,36 @@ use crate::shard::{Ingested, Shard};
 use crate::wal::entry::{self, Scanned};
 use crate::wal::{Kind, SegId};
 
+/// Where one input's connection buffers on a core come from: the peers' share of the
+/// memory budget, and a few base buffers kept between reads, so that an idle connection
+/// holds no buffer at all.
+#[derive(Clone)]
+pub struct Mem {
+    pub budget: Arc<Budget>,
+    pool: Rc<RefCell<Vec<Vec<u8>>>>,
+}
+
+/// Base buffers a [`Mem`] keeps for the next reads (uncharged while kept).
+const POOLED: usize = 16;
+
+impl Mem {
+    pub fn new(budget: Arc<Budget>) -> Self {
+        Mem {
+            budget,
+            pool: Rc::default(),
+        }
+    }
+
+    /// For tests and tools: never runs out.
+    pub fn unlimited() -> Self {
+        Mem::new(Budget::unlimited())
+    }
+}
+
 /// A growable read buffer: unread bytes live in `buf[start..end]`, and `pad` bytes past
 /// the usable capacity are always readable (simd-json parses in place and needs them).
+/// Its bytes are charged to the peers' share of the budget; it has none while empty and
+/// idle, and grows only while the share has room.
 pub struct ReadBuf {
     buf: Vec<u8>,
     start: usize,
@@ -28,17 +58,64 @@ pub struct ReadBuf {
     pad: usize,
     initial: usize,
     max: usize,
+    mem: Mem,
 }
 
 impl ReadBuf {
-    pub fn new(initial: usize, max: usize, pad: usize) -> Self {
+    pub fn new(initial: usize, max: usize, pad: usize, mem: Mem) -> Self {
         ReadBuf {
-            buf: vec![0; initial + pad],
+            buf: Vec::new(),
             start: 0,
             end: 0,
             pad,
             initial,
             max: max.max(initial),
+            mem,
+        }
+    }
+
+    /// Bytes this buffer holds (and is charged for).
+    pub fn held(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn cap(&self) -> usize {
+        self.buf.len().saturating_sub(self.pad)
+    }
+
+    /// Grows the usable capacity to `cap`, if the budget has room.
+    fn grow(&mut self, cap: usize) -> bool {
+        let len = cap + self.pad;
+        let more = len.saturating_sub(self.buf.len());
+        if more == 0 || !self.mem.budget.try_hold(more) {
+            return more == 0;
+        }
+        if self.buf.is_empty() && len == self.initial + self.pad {
+            self.buf = self
+                .mem
+                .pool
+                .borrow_mut()
+                .pop()
+                .unwrap_or_else(|| vec![0; len]);
+            return true;
+        }
+        // Exact, so that the allocation is what is charged.
+        self.buf.reserve_exact(more);
+        self.buf.resize(len, 0);
+        true
+    }
+
+    /// Gives the buffer back: a base one to the pool, a grown one to the allocator.
+    fn release(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.start = 0;
+        self.end = 0;
+        self.mem.budget.unhold(buf.len());
+        if buf.len() == self.initial + self.pad {
+            let mut pool = self.mem.pool.borrow_mut();
+            if pool.len() < POOLED {
+                pool.push(buf);
+            }
         }
     }
 
@@ -63,19 +140,23 @@ impl ReadBuf {
     }
 
     /// Space for the next read, at least `want` bytes where the limit allows: unread bytes
-    /// move to the front, and the buffer grows up to its maximum.
+    /// move to the front, and the buffer grows up to its maximum. Empty when it needs to
+    /// grow and the peers' share of the budget has no room.
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
-        let cap = self.buf.len() - self.pad;
+        let cap = self.cap();
         if cap - self.end < want && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
         if cap - self.end < want && cap < self.max {
-            let new_cap = (self.end + want).max(cap * 2).min(self.max);
-            self.buf.resize(new_cap + self.pad, 0);
+            let least = (self.end + want).max(self.initial).min(self.max);
+            let new_cap = least.max(cap * 2).min(self.max);
+            if !self.grow(new_cap) {
+                self.grow(least);
+            }
         }
-        let cap = self.buf.len() - self.pad;
+        let cap = self.cap();
         &mut self.buf[self.end..cap]
     }
 
@@ -84,13 +165,22 @@ impl ReadBuf {
         self.end += n;
     }
 
-    /// Gives back a buffer grown for a large frame once it is empty again.
+    /// Gives the buffer back once it is empty.
     pub fn shrink(&mut self) {
-        if self.start == self.end && self.buf.len() > self.initial + self.pad {
-            self.buf = vec![0; self.initial + self.pad];
-            self.start = 0;
-            self.end = 0;
+        if self.start == self.end && !self.buf.is_empty() {
+            self.release();
         }
+    }
+
+    /// Drops what is unread and gives the buffer back.
+    pub fn discard(&mut self) {
+        self.release();
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -109,6 +199,12 @@ pub struct Link {
     pub peer: Cell<Option<SocketAddr>>,
     /// The input (its index in the config) the connection came in on, for its counters.
     pub input: Cell<usize>,
+    /// Bytes its buffers hold, for choosing whom to close when peers' memory is spent.
+    pub held: Cell<usize>,
+    /// Waiting in the shard's list of connections to wake when peers' memory is given back.
+    pub(crate) memory_wait: Cell<bool>,
+    /// Chosen to be closed, to give its memory to the others.
+    pub(crate) evicted: Cell<bool>,
 }
 
 impl Link {
@@ -182,6 +278,9 @@ pub enum Progress {
     Blocked,
     /// Processed a turn's worth; yield to other tasks, then go on.
     Yield,
+    /// Peers' share of the memory budget has no room for what the next frame needs: wait
+    /// until some is given back.
+    Memory,
     /// The input is broken: close the connection.
     Close(DecodeError),
 }
@@ -198,6 +297,10 @@ pub trait Conn {
     fn finish(&mut self, shard: &mut Shard);
     /// Nothing to read for now: give back memory a large frame or line made it take.
     fn idle(&mut self);
+    /// Bytes its buffers hold.
+    fn held(&self) -> usize;
+    /// Closing: drop unread input and give its memory back.
+    fn discard(&mut self);
     /// The connection is going away with input still unprocessed (shutdown, or a failed
     /// write): let go of anything held for it.
     fn abandon(&mut self, shard: &mut Shard);
@@ -211,12 +314,62 @@ pub trait Conn {
 /// Bytes processed per turn before a connection yields.
 const TURN: usize = 1 << 20;
 
+/// One input's buffers on a core for validating and inflating frames, one frame at a
+/// time, and the charge of the inflate buffer to the peers' share of the budget.
+pub struct FrameScratch {
+    scratch: Scratch,
+    charged: usize,
+    budget: Arc<Budget>,
+}
+
+/// Inflate buffers up to this size are kept for the next frame.
+const KEEP_INFLATED: usize = 1 << 20;
+
+impl FrameScratch {
+    pub fn new(budget: Arc<Budget>) -> Self {
+        FrameScratch {
+            scratch: Scratch::default(),
+            charged: 0,
+            budget,
+        }
+    }
+
+    /// What inflation may take: what the peers' share has room for, up to `max`.
+    fn limit(&self, max: usize) -> usize {
+        max.min(self.budget.peer_room() + self.charged)
+    }
+
+    /// Brings the charge up (or down) to what the inflate buffer holds. Inflation was
+    /// bounded by the room the share had, so this stays within it.
+    fn charge(&mut self) {
+        let cap = self.scratch.inflated_capacity();
+        if cap > self.charged {
+            self.budget.hold(cap - self.charged);
+        } else {
+            self.budget.unhold(self.charged - cap);
+        }
+        self.charged = cap;
+    }
+
+    /// After a frame: gives a large inflate buffer back.
+    fn trim(&mut self, keep: usize) {
+        self.scratch.trim(keep);
+        self.charge();
+    }
+}
+
+impl Drop for FrameScratch {
+    fn drop(&mut self) {
+        self.budget.unhold(self.charged);
+    }
+}
+
 /// A Forward protocol connection.
 pub struct ForwardConn {
     rb: ReadBuf,
     decoder: Decoder,
     /// The core's buffers for validating and inflating frames.
-    scratch: Rc<RefCell<Scratch>>,
+    scratch: Rc<RefCell<FrameScratch>>,
     max_inflated: usize,
     /// Bytes the decoder needs before it can go on.
     need: usize,
@@ -239,11 +392,12 @@ impl ForwardConn {
         max_frame: usize,
         max_inflated: usize,
         max_unacked: usize,
-        scratch: Rc<RefCell<Scratch>>,
+        scratch: Rc<RefCell<FrameScratch>>,
+        mem: Mem,
     ) -> Self {
         ForwardConn {
             max_unacked,
-            rb: ReadBuf::new(READ_CHUNK, max_frame + READ_CHUNK, 0),
+            rb: ReadBuf::new(READ_CHUNK, max_frame + READ_CHUNK, 0, mem),
             decoder: Decoder::new(max_frame),
             scratch,
             max_inflated,
@@ -288,30 +442,41 @@ impl Conn for ForwardConn {
                 }
                 Err(e) => return Progress::Close(e),
             };
-            let mut scratch = self.scratch.borrow_mut();
+            let mut fs = self.scratch.borrow_mut();
+            let limit = fs.limit(self.max_inflated);
             let resumed = self.paused.take();
             // Batches are held: the frame, validated, goes to the journal's backlog.
             if resumed.is_none() && shard.diverts(&self.link) {
-                let events = match frame.events(&mut scratch, self.max_inflated) {
-                    Ok(events) => events.count() as u64,
-                    Err(e) => return Progress::Close(e),
+                let events = frame
+                    .events(&mut fs.scratch, limit)
+                    .map(|e| e.count() as u64);
+                fs.charge();
+                let events = match events {
+                    Ok(events) => events,
+                    Err(e) => return refuse(e, limit < self.max_inflated, &mut fs),
                 };
                 shard.divert_frame(&frame, &self.link, &self.rb.data()[..len], events);
-                budget = budget.saturating_sub(len + scratch.inflated_len());
-                drop(scratch);
+                budget = budget.saturating_sub(len + fs.scratch.inflated_len());
+                fs.trim(KEEP_INFLATED);
+                drop(fs);
                 self.rb.consume(len);
                 self.need = 1;
                 continue;
             }
             let (events, ticket, taken) = match resumed {
-                Some(p) => (frame.resume(&scratch, p.taken), p.ticket, p.taken),
-                None => match frame.events(&mut scratch, self.max_inflated) {
-                    Ok(events) => {
-                        let raw = &self.rb.data()[..len];
-                        (events, shard.open_frame(&frame, &self.link, raw), 0)
+                Some(p) => (frame.resume(&fs.scratch, p.taken), p.ticket, p.taken),
+                None => {
+                    // Validated (and inflated) first, so that the charge is known before
+                    // its events are taken.
+                    let checked = frame.events(&mut fs.scratch, limit).map(|_| ());
+                    fs.charge();
+                    if let Err(e) = checked {
+                        return refuse(e, limit < self.max_inflated, &mut fs);
                     }
-                    Err(e) => return Progress::Close(e),
-                },
+                    let raw = &self.rb.data()[..len];
+                    let ticket = shard.open_frame(&frame, &self.link, raw);
+                    (frame.resume(&fs.scratch, 0), ticket, 0)
+                }
             };
             match shard.ingest_forward(self.link.input.get(), &frame, events, ticket) {
                 Ingested::All => {
@@ -319,8 +484,9 @@ impl Conn for ForwardConn {
                     if resumed.is_some() {
                         shard.end_pause();
                     }
-                    budget = budget.saturating_sub(len + scratch.inflated_len());
-                    drop(scratch);
+                    budget = budget.saturating_sub(len + fs.scratch.inflated_len());
+                    fs.trim(KEEP_INFLATED);
+                    drop(fs);
                     self.rb.consume(len);
                     self.need = 1;
                 }
@@ -340,7 +506,16 @@ impl Conn for ForwardConn {
         if let Some(p) = self.paused.take() {
             shard.abandon_frame(p.ticket);
             shard.end_pause();
+            self.scratch.borrow_mut().trim(KEEP_INFLATED);
         }
+    }
+
+    fn held(&self) -> usize {
+        self.rb.held()
+    }
+
+    fn discard(&mut self) {
+        self.rb.discard();
     }
 
     /// Bytes left over are a frame cut short.
@@ -368,6 +543,16 @@ impl Conn for ForwardConn {
     }
 }
 
+/// A frame that could not be taken: one that inflated past the room the peers' share had
+/// (not past its limit) waits for memory; others close the connection.
+fn refuse(e: DecodeError, short: bool, fs: &mut FrameScratch) -> Progress {
+    fs.trim(0);
+    match e {
+        DecodeError::DecompressedTooLarge(_) if short => Progress::Memory,
+        e => Progress::Close(e),
+    }
+}
+
 /// Where JSON-lines events get their tag.
 #[derive(Clone, Debug)]
 pub struct JsonSource {
@@ -388,9 +573,9 @@ pub struct JsonConn {
 }
 
 impl JsonConn {
-    pub fn new(max_line: usize, source: Rc<JsonSource>) -> Self {
+    pub fn new(max_line: usize, source: Rc<JsonSource>, mem: Mem) -> Self {
         JsonConn {
-            rb: ReadBuf::new(READ_CHUNK, max_line + READ_CHUNK, JSON_PADDING),
+            rb: ReadBuf::new(READ_CHUNK, max_line + READ_CHUNK, JSON_PADDING, mem),
             lines: Lines::new(max_line),
             parser: JsonParser::default(),
             source,
@@ -486,6 +671,14 @@ impl Conn for JsonConn {
 
     fn idle(&mut self) {
         self.rb.shrink();
+    }
+
+    fn held(&self) -> usize {
+        self.rb.held()
+    }
+
+    fn discard(&mut self) {
+        self.rb.discard();
     }
 
     /// Lines are ingested whole or not at all: nothing is held.
@@ -913,7 +1106,8 @@ mod tests {
 
     #[test]
     fn read_buffer_compacts_grows_and_shrinks() {
-        let mut rb = ReadBuf::new(8, 32, 4);
+        let mut rb = ReadBuf::new(8, 32, 4, Mem::unlimited());
+        assert_eq!(rb.held(), 0, "no buffer until the first read");
         rb.spare(8)[..6].copy_from_slice(b"abcdef");
         rb.filled(6);
         rb.consume(4);
@@ -927,6 +1121,31 @@ mod tests {
         assert_eq!(s.len(), 30, "capped at the maximum");
         rb.consume(2);
         rb.shrink();
+        assert_eq!(rb.held(), 0, "an empty buffer is given back");
         assert_eq!(rb.spare(1).len(), 8);
+    }
+
+    /// Buffers are charged to the peers' share, grow only within it, and give it back.
+    #[test]
+    fn read_buffers_stay_within_the_peers_share() {
+        // A share of 100 bytes: 8 + 4 for a base buffer.
+        let budget = Budget::new(200, 1);
+        let mem = Mem::new(budget.clone());
+        let mut a = ReadBuf::new(8, 1000, 4, mem.clone());
+        let mut b = ReadBuf::new(8, 1000, 4, mem);
+        a.spare(8);
+        assert_eq!((a.held(), budget.peers_held()), (12, 12));
+        a.filled(8);
+        // Growing asks for twice the capacity, then for what the read needs at least.
+        assert!(a.spare(60).len() >= 60);
+        assert_eq!((a.held(), budget.peers_held()), (72, 72));
+        a.filled(60);
+        assert!(a.spare(100).is_empty(), "no room to grow: {}", a.held());
+        assert!(b.spare(8).len() == 8, "a base buffer still fits");
+        assert!(budget.peers_held() <= 100);
+        a.discard();
+        assert_eq!(budget.peers_held(), b.held());
+        drop(b);
+        assert_eq!((budget.peers_held(), budget.used()), (0, 0));
     }
 }

@@ -51,6 +51,10 @@ counters!(
         connections_closed,
         /// Connections closed at once because the input was at `max_connections`.
         connections_refused,
+        /// Connections closed to give their buffers' memory to others.
+        connections_evicted,
+        /// Times a connection waited for peers' share of the memory budget.
+        memory_waits,
         acks_sent,
         heartbeats,
         /// Times a connection stopped reading because its core's batches were held.
@@ -265,6 +269,8 @@ fn core_help(field: &str) -> &'static str {
         "connections_opened" => "Connections accepted",
         "connections_closed" => "Connections ended",
         "connections_refused" => "Connections refused at max_connections",
+        "connections_evicted" => "Connections closed to give their buffers' memory to others",
+        "memory_waits" => "Times a connection waited for the input memory",
         "acks_sent" => "Forward acks written",
         "heartbeats" => "Forward UDP heartbeats answered",
         "backpressure_waits" => "Times a connection waited for its core's batches",

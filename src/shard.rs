@@ -98,6 +98,12 @@ pub struct Shard {
     pub errors: ErrorCounts,
     /// Connections waiting for the shard to unblock.
     parked: Vec<Rc<Link>>,
+    /// The memory budget, whose peers' share the connections' buffers come from.
+    budget: Arc<Budget>,
+    /// Connections waiting for peers' memory to be given back, and the release count
+    /// last seen.
+    memory_waits: Vec<Rc<Link>>,
+    releases_seen: usize,
     /// Every open connection, to wake when the phase changes.
     links: Vec<Rc<Link>>,
     pub phase: Phase,
@@ -154,6 +160,9 @@ impl Shard {
                 sinks: r.sinks.clone().into_boxed_slice(),
             })
             .collect();
+        let budget = rings
+            .first()
+            .map_or_else(Budget::unlimited, |r| r.budget.clone());
         let mut batchers = Vec::new();
         let mut done = Vec::new();
         let mut key_fields = Vec::new();
@@ -183,6 +192,9 @@ impl Shard {
             counters: CoreCounters::default(),
             errors: [0; DecodeError::NAMES.len()],
             parked: Vec::new(),
+            budget,
+            memory_waits: Vec::new(),
+            releases_seen: 0,
             links: Vec::new(),
             phase: Phase::Running,
             pump: None,
@@ -642,6 +654,68 @@ impl Shard {
         }
     }
 
+    /// The memory budget the connections' buffers are charged to.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Parks a connection until peers' memory is given back. If the share is spent, the
+    /// connection on this core holding the most (at least twice what this one holds, and
+    /// more than a base buffer) is closed, so that a crowd of large unfinished frames
+    /// cannot stall a peer that needs little.
+    pub fn wait_memory(&mut self, link: &Rc<Link>) {
+        if link.memory_wait.replace(true) {
+            return;
+        }
+        self.counters.memory_waits += 1;
+        self.memory_waits.push(link.clone());
+        let least = (2 * link.held.get()).max(2 * crate::limits::READ_CHUNK + 1);
+        let largest = self
+            .links
+            .iter()
+            .filter(|l| !l.evicted.get() && !Rc::ptr_eq(l, link))
+            .max_by_key(|l| l.held.get())
+            .filter(|l| l.held.get() >= least)
+            .cloned();
+        if let Some(l) = largest {
+            l.evicted.set(true);
+            l.wake();
+            self.counters.connections_evicted += 1;
+            if let Some(suppressed) = self.warn.allow(Warn::Memory) {
+                let peer = l.peer.get().map(|p| p.to_string()).unwrap_or_default();
+                tracing::warn!(
+                    peer,
+                    held = l.held.get(),
+                    share = self.budget.peer_limit(),
+                    core = self.core,
+                    suppressed,
+                    "Closing a connection: it holds the most of the input memory (half of engine.memory_limit), which is spent, while another connection waits for some"
+                );
+            }
+        }
+        if let Some(w) = &self.pump {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Wakes the connections waiting for peers' memory once some was given back.
+    fn poll_memory(&mut self, cx: &mut Context<'_>) {
+        if self.memory_waits.is_empty() {
+            return;
+        }
+        if self
+            .budget
+            .poll_released(self.core, self.releases_seen, cx)
+            .is_ready()
+        {
+            self.releases_seen = self.budget.releases();
+            for l in self.memory_waits.drain(..) {
+                l.memory_wait.set(false);
+                l.wake();
+            }
+        }
+    }
+
     /// Registers a new connection.
     pub fn open_link(&mut self, link: &Rc<Link>) {
         self.per_input[link.input.get()].connections_opened += 1;
@@ -672,6 +746,7 @@ impl Shard {
         if !self.pump.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             self.pump = Some(cx.waker().clone());
         }
+        self.poll_memory(cx);
         let mut settled = false;
         for s in 0..self.done.len() {
             while let Poll::Ready(Some(delivered)) = self.done[s].poll_pop(cx) {
@@ -804,6 +879,7 @@ impl Shard {
 /// Kinds of warning that are rate-limited.
 #[derive(Clone, Copy)]
 enum Warn {
+    Memory,
     Unmatched,
     Connection,
     Accept,
@@ -825,7 +901,8 @@ impl Warnings {
             Warn::Unmatched => 0,
             Warn::Connection => 1,
             Warn::Accept => 2,
-            Warn::Refused(k) => 3 + k,
+            Warn::Memory => 3,
+            Warn::Refused(k) => 4 + k,
         };
         if self.last.len() <= i {
             self.last.resize(i + 1, (None, 0));
@@ -849,7 +926,7 @@ impl Warnings {
 mod tests {
     use super::*;
     use crate::conn::{Conn, ForwardConn, Progress};
-    use crate::decode::forward::Scratch;
+    use crate::conn::{FrameScratch, Mem};
     use crate::ring::ring;
     use crate::test_frames::{Mode, Opts, Time, docker_record, frame};
     use std::cell::RefCell;
@@ -890,7 +967,8 @@ mod tests {
             64 << 20,
             64 << 20,
             64 << 20,
-            Rc::new(RefCell::new(Scratch::default())),
+            Rc::new(RefCell::new(FrameScratch::new(Budget::unlimited()))),
+            Mem::unlimited(),
         );
         (shard, batches_rx, done_tx, conn)
     }

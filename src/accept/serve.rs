@@ -17,9 +17,9 @@ use super::CoreSockets;
 use super::http::Job;
 use crate::config::{Config, InputKind};
 use crate::conn::{
-    Conn, ForwardConn, JsonConn, JsonSource, Link, Progress, Replay, ingest_datagram, ingest_http,
+    Conn, ForwardConn, FrameScratch, JsonConn, JsonSource, Link, Mem, Progress, Replay,
+    ingest_datagram, ingest_http,
 };
-use crate::decode::forward::Scratch;
 use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
 use crate::metrics::Reporter;
@@ -523,7 +523,9 @@ async fn accept<R: Runtime>(
     tasks: Tasks,
 ) {
     let proto = Proto::of(input, &kind);
-    let scratch = Rc::new(RefCell::new(Scratch::default()));
+    let budget = shard.borrow().budget().clone();
+    let mem = Mem::new(budget.clone());
+    let scratch = Rc::new(RefCell::new(FrameScratch::new(budget)));
     let open = Rc::new(Cell::new(0usize));
     loop {
         let stream = match R::accept(&listener).await {
@@ -547,8 +549,13 @@ async fn accept<R: Runtime>(
                 max_inflated,
                 max_unacked,
             } => {
-                let conn =
-                    ForwardConn::new(*max_frame, *max_inflated, *max_unacked, scratch.clone());
+                let conn = ForwardConn::new(
+                    *max_frame,
+                    *max_inflated,
+                    *max_unacked,
+                    scratch.clone(),
+                    mem.clone(),
+                );
                 R::spawn_detached(async move {
                     serve::<R, _>(stream, input, conn, &shard).await;
                     open.set(open.get() - 1);
@@ -556,7 +563,7 @@ async fn accept<R: Runtime>(
                 });
             }
             Proto::Json { max_line, source } => {
-                let conn = JsonConn::new(*max_line, source.clone());
+                let conn = JsonConn::new(*max_line, source.clone(), mem.clone());
                 R::spawn_detached(async move {
                     serve::<R, _>(stream, input, conn, &shard).await;
                     open.set(open.get() - 1);
@@ -572,8 +579,24 @@ enum Wake {
     Read(usize),
     Unblocked,
     Stop,
+    /// Closed to give its memory to others.
+    Evicted,
     Failed(std::io::Error),
 }
+
+/// What a connection waits for besides input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Input,
+    /// The shard to take input again.
+    Unblocked,
+    /// Peers' memory to be given back.
+    Memory,
+}
+
+/// How long a connection closed for bad input or for memory may wait to write the acks
+/// it owes for its earlier frames.
+const OWED_ACKS: Duration = Duration::from_secs(10);
 
 /// Serves one connection until the peer leaves, the input turns out broken, or shutdown.
 async fn serve<R: Runtime, C: Conn>(
@@ -593,22 +616,33 @@ async fn serve<R: Runtime, C: Conn>(
             poll_fn(|cx| poll_drain_acks::<R>(cx, &mut stream, &link, shard)).await
         } else {
             let progress = conn.process(&mut shard.borrow_mut());
-            match progress {
+            let want = match progress {
                 Progress::Close(e) => {
                     shard
                         .borrow_mut()
                         .refused(e, "Closing a connection", link.peer.get());
+                    // The acks owed for the good frames before it go out first.
+                    conn.discard();
+                    link.held.set(0);
+                    owe_acks::<R>(&mut stream, &link, shard).await;
                     break;
                 }
                 Progress::Yield => {
                     R::yield_if_needed().await;
                     continue;
                 }
-                Progress::Read if link.outstanding() > 0 => shard.borrow_mut().seal_for_acks(&link),
-                Progress::Read | Progress::Blocked => {}
-            }
-            let blocked = progress == Progress::Blocked;
-            poll_fn(|cx| poll_conn::<R, _>(cx, &mut stream, &mut conn, &link, shard, blocked)).await
+                Progress::Memory => {
+                    shard.borrow_mut().wait_memory(&link);
+                    Want::Memory
+                }
+                Progress::Read if link.outstanding() > 0 => {
+                    shard.borrow_mut().seal_for_acks(&link);
+                    Want::Input
+                }
+                Progress::Read => Want::Input,
+                Progress::Blocked => Want::Unblocked,
+            };
+            poll_fn(|cx| poll_conn::<R, _>(cx, &mut stream, &mut conn, &link, shard, want)).await
         };
         match wake {
             Wake::Read(0) => {
@@ -618,7 +652,15 @@ async fn serve<R: Runtime, C: Conn>(
             }
             Wake::Read(n) => {
                 conn.filled(n);
+                link.held.set(conn.held());
                 shard.borrow_mut().read(input, n);
+            }
+            Wake::Evicted => {
+                conn.abandon(&mut shard.borrow_mut());
+                conn.discard();
+                link.held.set(0);
+                owe_acks::<R>(&mut stream, &link, shard).await;
+                break;
             }
             Wake::Unblocked => {}
             Wake::Stop => {
@@ -646,7 +688,7 @@ fn poll_conn<R: Runtime, C: Conn>(
     conn: &mut C,
     link: &Rc<Link>,
     shard: &Shared,
-    blocked: bool,
+    want: Want,
 ) -> Poll<Wake> {
     link.set_waker(cx.waker());
     if let Err(e) = poll_write_acks::<R>(cx, stream, link) {
@@ -656,13 +698,18 @@ fn poll_conn<R: Runtime, C: Conn>(
     if s.phase != Phase::Running {
         return Poll::Ready(Wake::Stop);
     }
+    if link.evicted.get() {
+        return Poll::Ready(Wake::Evicted);
+    }
     if s.blocked_for(link) {
         s.park(link);
         return Poll::Pending;
     }
-    drop(s);
-    if blocked {
-        return Poll::Ready(Wake::Unblocked);
+    match want {
+        Want::Unblocked => return Poll::Ready(Wake::Unblocked),
+        Want::Memory if link.memory_wait.get() => return Poll::Pending,
+        Want::Memory => return Poll::Ready(Wake::Unblocked),
+        Want::Input => {}
     }
     // A peer that does not read its acks stops being read; the pending write wakes us.
     if link.pending_acks() > MAX_PENDING_ACKS {
@@ -672,15 +719,29 @@ fn poll_conn<R: Runtime, C: Conn>(
     if !conn.may_read() {
         return Poll::Pending;
     }
-    match R::poll_read(stream, cx, conn.read_buf()) {
+    let buf = conn.read_buf();
+    if buf.is_empty() {
+        // Peers' memory is spent: wait for some to be given back.
+        s.wait_memory(link);
+        return Poll::Pending;
+    }
+    drop(s);
+    match R::poll_read(stream, cx, buf) {
         Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
         Poll::Ready(Err(e)) => Poll::Ready(Wake::Failed(e)),
         Poll::Pending => {
-            // Neither backend keeps a hold on the buffer while it waits for readiness.
+            // Neither backend keeps a hold on the buffer while it waits for readiness,
+            // so an idle connection gives its buffer back.
             conn.idle();
+            link.held.set(conn.held());
             Poll::Pending
         }
     }
+}
+
+/// Writes the acks a connection owes before it is closed, for a while at most.
+async fn owe_acks<R: Runtime>(stream: &mut R::Stream, link: &Rc<Link>, shard: &Shared) {
+    futures_lite::future::or(settle_acks::<R>(stream, link, shard), R::sleep(OWED_ACKS)).await;
 }
 
 /// Unwritten ack bytes at which a connection stops being read and processed.

@@ -766,6 +766,11 @@ fn bounded(
 
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Fluent Bit's `in_forward` holds 6 MB (`buffer_max_size`); Fluent Bit and Fluentd send
+/// chunks of a few MB. Lower where half of `memory_limit` is smaller.
+const DEFAULT_MAX_FRAME: u64 = 8 << 20;
+const DEFAULT_MAX_DECOMPRESSED: u64 = 16 << 20;
+
 /// Enough for full speed on two cores with 200 B events (README, "Memory").
 pub const DEFAULT_MEMORY_LIMIT: u64 = 32 << 20;
 
@@ -844,6 +849,28 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             })
         }
     };
+    // A frame, a line and an inflated frame must each fit in the peers' share of the
+    // budget (with one read's slack), or they could never be taken.
+    let share = (memory_limit / crate::budget::PEER_SHARE) as u64;
+    let fits = |key: &str, v: Option<Size>, (default, min, max): (u64, u64, u64), slack: u64| {
+        let room = share.saturating_sub(slack);
+        let v = bounded(key, v, default.min(room).max(min), min, max)?;
+        if v as u64 > room {
+            return Err(err(
+                key,
+                format!(
+                    "{v} bytes do not fit in what connections may hold: half of engine.memory_limit ({share} bytes){}; raise engine.memory_limit or lower this",
+                    if slack > 0 {
+                        ", less 64 KiB for a read"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        Ok(v)
+    };
+    let read = crate::limits::READ_CHUNK as u64;
     let mut inputs = Vec::new();
     for (name, mut table) in file.inputs {
         let key = format!("inputs.{name}");
@@ -851,24 +878,22 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
         let input = match kind.as_str() {
             "forward" => {
                 let f: ForwardFile = typed(&key, table)?;
-                let max_frame_bytes = bounded(
+                let max_frame_bytes = fits(
                     &format!("{key}.max_frame_bytes"),
                     f.max_frame_bytes,
-                    16 << 20,
-                    1024,
-                    MAX_FRAME_CEILING as u64,
+                    (DEFAULT_MAX_FRAME, 1024, MAX_FRAME_CEILING as u64),
+                    read,
                 )?;
                 Input {
                     address: address(&key, f.address, crate::limits::FORWARD_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     kind: InputKind::Forward {
                         max_frame_bytes,
-                        max_decompressed_bytes: bounded(
+                        max_decompressed_bytes: fits(
                             &format!("{key}.max_decompressed_bytes"),
                             f.max_decompressed_bytes,
-                            64 << 20,
-                            1024,
-                            4 * MAX_FRAME_CEILING as u64,
+                            (DEFAULT_MAX_DECOMPRESSED, 1024, 4 * MAX_FRAME_CEILING as u64),
+                            0,
                         )?,
                         heartbeat: f.heartbeat.unwrap_or(true),
                         ack: match (f.ack, &wal) {
@@ -910,12 +935,11 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                         udp,
                         tag: f.tag.unwrap_or_else(|| name.clone()),
                         tag_key: f.tag_key,
-                        max_line_bytes: bounded(
+                        max_line_bytes: fits(
                             &format!("{key}.max_line_bytes"),
                             f.max_line_bytes,
-                            1 << 20,
-                            64,
-                            MAX_FRAME_CEILING as u64,
+                            (1 << 20, 64, MAX_FRAME_CEILING as u64),
+                            read + crate::limits::JSON_PADDING as u64,
                         )?,
                     },
                     name,
@@ -1297,6 +1321,48 @@ sinks = "out"
             "{e}"
         );
         assert_eq!(Config::parse(MIN).unwrap().engine.io, IoBackend::Auto);
+    }
+
+    /// Frames, lines and inflated frames must fit in half of memory_limit; the defaults
+    /// shrink to fit it.
+    #[test]
+    fn input_limits_fit_in_the_peers_share() {
+        let small = |extra: &str| {
+            MIN.replace(
+                "address = \"127.0.0.1:0\"",
+                &format!("address = \"127.0.0.1:0\"\n{extra}"),
+            ) + "[engine]\nmemory_limit = \"8MiB\"\n"
+        };
+        let e = parse_err(&small("max_frame_bytes = \"4MiB\""));
+        assert!(
+            e.starts_with("inputs.fwd.max_frame_bytes: 4194304 bytes do not fit")
+                && e.contains("half of engine.memory_limit (4194304 bytes), less 64 KiB"),
+            "{e}"
+        );
+        let e = parse_err(&small("max_decompressed_bytes = \"5MiB\""));
+        assert!(e.starts_with("inputs.fwd.max_decompressed_bytes:"), "{e}");
+        let c = Config::parse(&small("")).unwrap();
+        let InputKind::Forward {
+            max_frame_bytes,
+            max_decompressed_bytes,
+            ..
+        } = c.inputs[0].kind
+        else {
+            panic!("a forward input")
+        };
+        assert_eq!(
+            (max_frame_bytes, max_decompressed_bytes),
+            ((4 << 20) - (64 << 10), 4 << 20)
+        );
+        let c = Config::parse(MIN).unwrap();
+        assert!(matches!(
+            c.inputs[0].kind,
+            InputKind::Forward {
+                max_frame_bytes: 0x80_0000,
+                max_decompressed_bytes: 0x100_0000,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -313,6 +313,7 @@ fn next_entry<'a>(r: &mut Reader<'a>) -> Result<Event<'a>, DecodeError> {
 }
 
 /// Inflates CompressedPackedForward entries into `out`, refusing more than `max` bytes.
+/// `out` grows geometrically but never past `max` (plus one byte, to see there is more).
 pub fn inflate(
     codec: Codec,
     body: &[u8],
@@ -320,23 +321,40 @@ pub fn inflate(
     max: usize,
 ) -> Result<(), DecodeError> {
     out.clear();
-    let limit = max as u64 + 1;
     let read = match codec {
         // Fluent Bit and Fluentd may send several gzip members back to back.
-        Codec::Gzip => flate2::read::MultiGzDecoder::new(body)
-            .take(limit)
-            .read_to_end(out),
+        Codec::Gzip => read_bounded(flate2::read::MultiGzDecoder::new(body), out, max),
         // zstd frames declare their window; refuse windows larger than the limit itself.
         Codec::Zstd => zstd::stream::read::Decoder::with_buffer(body).and_then(|mut d| {
             let log = (usize::BITS - max.leading_zeros()).clamp(10, 31);
             d.window_log_max(log)?;
-            d.take(limit).read_to_end(out)
+            read_bounded(d, out, max)
         }),
     };
     match read {
-        Ok(_) if out.len() > max => Err(DecodeError::DecompressedTooLarge(max)),
-        Ok(_) => Ok(()),
+        Ok(()) if out.len() > max => Err(DecodeError::DecompressedTooLarge(max)),
+        Ok(()) => Ok(()),
         Err(_) => Err(DecodeError::Decompress(codec)),
+    }
+}
+
+/// Reads `r` to its end or to `max + 1` bytes into `out`, growing it only within that.
+fn read_bounded(mut r: impl Read, out: &mut Vec<u8>, max: usize) -> std::io::Result<()> {
+    loop {
+        let room = out.capacity() - out.len();
+        if room == 0 {
+            if out.len() > max {
+                return Ok(());
+            }
+            let grow = out.capacity().max(64 << 10).min(max + 1 - out.len());
+            out.reserve_exact(grow);
+            continue;
+        }
+        // Bounded by the room, read_to_end never grows `out` itself.
+        let n = (&mut r).take(room as u64).read_to_end(out)?;
+        if n < room {
+            return Ok(());
+        }
     }
 }
 
@@ -367,9 +385,14 @@ impl Scratch {
         self.inflated.len()
     }
 
-    /// Gives back memory a large frame made it take.
-    fn trim(&mut self) {
-        if self.inflated.capacity() > 4 << 20 {
+    /// What the inflate buffer holds.
+    pub fn inflated_capacity(&self) -> usize {
+        self.inflated.capacity()
+    }
+
+    /// Gives back the inflate buffer if it holds more than `keep` bytes.
+    pub fn trim(&mut self, keep: usize) {
+        if self.inflated.capacity() > keep {
             self.inflated = Vec::new();
         }
     }
@@ -406,7 +429,6 @@ impl<'a> Frame<'a> {
     where
         'a: 'b,
     {
-        scratch.trim();
         scratch.inflated.clear();
         let body = match self.entries {
             Entries::Message(ev) => {

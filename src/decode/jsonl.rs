@@ -307,7 +307,7 @@ mod tests {
             let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
             bounds.push(stream.len());
             bounds.sort();
-            let mut rb = ReadBuf::new(16, 1 << 20, JSON_PADDING);
+            let mut rb = ReadBuf::new(16, 1 << 20, JSON_PADDING, crate::conn::Mem::unlimited());
             let mut lines = Lines::new(1 << 20);
             let mut parser = JsonParser::default();
             let mut json = Shape::new(&ShapeConfig::default());

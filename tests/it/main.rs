@@ -13,6 +13,7 @@ mod faults;
 mod forward;
 mod frames;
 mod harness;
+mod hostile;
 mod http;
 mod json_lines;
 mod kinesis;

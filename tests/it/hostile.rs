@@ -1,0 +1,177 @@
+//! Peers that attack rather than err: many connections holding unfinished frames,
+//! decompression bombs, idle and slow connections. Each runs while a good acked client on
+//! another connection sends, and that client must get every event through exactly once.
+
+use std::io::{ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::frames::{Mode, Time, connect, frame, read_acks, record};
+use crate::harness::{PATIENCE, Sluice, assert_exactly_once, wait_json_lines};
+
+const MIB: u64 = 1 << 20;
+
+/// What README ("Memory") gives as the most the process holds beyond `memory_limit` on two
+/// workers when peers churn through buffers: the binary and threads, and what the
+/// allocator keeps of freed buffers for a while.
+const OVERHEAD_MIB: u64 = 96;
+
+fn config(memory_limit_mib: u64, forward: &str) -> String {
+    format!(
+        r#"
+[engine]
+workers = 2
+stats_interval = "1s"
+memory_limit = "{memory_limit_mib}MiB"
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+{forward}
+
+[sinks.out]
+type = "file"
+path = "{{dir}}/out.ndjson"
+linger = "20ms"
+
+[[routes]]
+match = "**"
+sinks = "out"
+tag_key = "tag"
+"#
+    )
+}
+
+/// A client sending acked frames of 20 events (one at a time, waiting for each ack) until
+/// `stop`, and at least `min` events; returns how many it sent.
+fn good_client(addr: SocketAddr, stop: Arc<AtomicBool>, min: usize) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut conn = connect(addr);
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) || sent < min {
+            let events: Vec<_> = (sent..sent + 20)
+                .map(|k| (Time::Int(1), record("good", k, 200)))
+                .collect();
+            let chunk = format!("g{sent}");
+            conn.write_all(&frame(Mode::PackedBin, "good", &events, Some(&chunk)))
+                .unwrap();
+            assert_eq!(read_acks(&mut conn, 1), [chunk]);
+            sent += 20;
+        }
+        sent
+    })
+}
+
+/// Writes `want` bytes of `body` (repeated) to each stream, round robin and without
+/// blocking, until each has written them all or none got anywhere for `stall`. Returns
+/// the bytes written to each.
+fn push_all(conns: &mut [TcpStream], head: &[u8], want: u64, stall: Duration) -> Vec<u64> {
+    let body = vec![0x61u8; 256 << 10];
+    let mut written = vec![0u64; conns.len()];
+    let mut last = Instant::now();
+    for c in conns.iter_mut() {
+        c.write_all(head).unwrap();
+        c.set_nonblocking(true).unwrap();
+    }
+    while last.elapsed() < stall {
+        let mut moved = false;
+        for (c, w) in conns.iter_mut().zip(&mut written) {
+            if *w >= want {
+                continue;
+            }
+            let n = (want - *w).min(body.len() as u64) as usize;
+            match c.write(&body[..n]) {
+                Ok(k) if k > 0 => {
+                    *w += k as u64;
+                    moved = true;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // Closed by sluice, to give its memory to others.
+                Err(_) => *w = want,
+            }
+        }
+        if moved {
+            last = Instant::now();
+        } else if written.iter().all(|&w| w >= want) {
+            break;
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    written
+}
+
+/// 200 connections each send 15 MiB of a 16 MiB frame and stop. Sluice holds no more for
+/// them than peers' share of memory_limit, closes the largest holders while the good
+/// client needs memory, and gives the memory back once they are gone.
+#[test]
+fn unfinished_frames_stay_within_the_memory_budget() {
+    const LIMIT_MIB: u64 = 64;
+    let cfg = config(LIMIT_MIB, "max_frame_bytes = \"16MiB\"");
+    let mut s = Sluice::start("hostile-unfinished", &cfg);
+    let fwd = s.addr("fwd");
+    let idle = s.rss_kib();
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = good_client(fwd, stop.clone(), 2000);
+
+    let mut hogs: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(fwd).unwrap()).collect();
+    // [tag, bin32(16 MiB)...: a PackedForward frame whose entries never finish.
+    let mut head = vec![0x92, 0xa3];
+    head.extend(b"hog");
+    head.push(0xc6);
+    head.extend(((16 * MIB - 64) as u32).to_be_bytes());
+    let written = push_all(&mut hogs, &head, 15 * MIB, Duration::from_secs(3));
+    let total: u64 = written.iter().sum();
+    let peak = s.peak_rss_kib();
+    let stats = s.stats();
+    eprintln!(
+        "unfinished frames: {} MiB written by 200 peers; RSS idle {} MiB, peak {} MiB; evicted {:?}, memory waits {:?}, budget peak {:?}",
+        total / MIB,
+        idle / 1024,
+        peak / 1024,
+        stats.get("connections_evicted"),
+        stats.get("memory_waits"),
+        stats.get("memory_peak"),
+    );
+    // README ("Memory"): the overhead beyond memory_limit, with the allocator's slack
+    // from 3 GB of buffers grown and freed in three seconds.
+    assert!(
+        peak < (LIMIT_MIB + OVERHEAD_MIB) * 1024,
+        "peak RSS {peak} KiB against memory_limit {LIMIT_MIB} MiB; stats {stats:?}"
+    );
+    s.wait_stat("connections_evicted", |n| n > 0);
+    s.wait_log("eviction", |l| {
+        l.contains("Closing a connection: it holds the most of the input memory")
+            && l.contains("peer=\"127.0.0.1:")
+    });
+
+    stop.store(true, Ordering::Relaxed);
+    let sent = good.join().unwrap();
+    drop(hogs);
+    // Memory comes back once they are gone.
+    let start = Instant::now();
+    loop {
+        let rss = s.rss_kib();
+        let held = s.stats().get("memory_used").copied().unwrap_or(u64::MAX);
+        if rss < idle + 24 * 1024 && held < 4 * MIB {
+            eprintln!(
+                "after the peers left: RSS {} MiB, budget used {held} bytes",
+                rss / 1024
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "memory not given back: RSS {rss} KiB (idle {idle} KiB), budget used {held}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines = wait_json_lines(&mut s, "out", sent);
+    assert_eq!(lines.len(), sent, "only the good events");
+    assert_exactly_once(&lines, "good", "good", sent);
+    s.assert_healthy();
+}
