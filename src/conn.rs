@@ -55,6 +55,8 @@ pub struct ReadBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Bytes consumed in all.
+    taken: u64,
     pad: usize,
     initial: usize,
     max: usize,
@@ -67,6 +69,7 @@ impl ReadBuf {
             buf: Vec::new(),
             start: 0,
             end: 0,
+            taken: 0,
             pad,
             initial,
             max: max.max(initial),
@@ -130,8 +133,14 @@ impl ReadBuf {
         &mut self.buf[self.start..]
     }
 
+    /// Bytes consumed in all, to tell a new unfinished frame from the same one.
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
     #[inline]
     pub fn consume(&mut self, n: usize) {
+        self.taken += n as u64;
         self.start += n;
         if self.start >= self.end {
             self.start = 0;
@@ -203,8 +212,14 @@ pub struct Link {
     pub held: Cell<usize>,
     /// Waiting in the shard's list of connections to wake when peers' memory is given back.
     pub(crate) memory_wait: Cell<bool>,
-    /// Chosen to be closed, to give its memory to the others.
+    /// Chosen to be closed: for its memory, its silence, its slowness, or its place.
     pub(crate) evicted: Cell<bool>,
+    /// Waiting for the peer's bytes (not held back by the core): the time it waits counts.
+    pub reading: Cell<bool>,
+    /// When bytes last came (or the core last let it read again).
+    pub heard: Cell<Option<std::time::Instant>>,
+    /// When the unfinished frame or line in its buffer began, if there is one.
+    pub started: Cell<Option<std::time::Instant>>,
 }
 
 impl Link {
@@ -299,6 +314,8 @@ pub trait Conn {
     fn idle(&mut self);
     /// Bytes its buffers hold.
     fn held(&self) -> usize;
+    /// Unread bytes (an unfinished frame or line), and bytes consumed in all.
+    fn unread(&self) -> (usize, u64);
     /// Closing: drop unread input and give its memory back.
     fn discard(&mut self);
     /// The connection is going away with input still unprocessed (shutdown, or a failed
@@ -514,6 +531,10 @@ impl Conn for ForwardConn {
         self.rb.held()
     }
 
+    fn unread(&self) -> (usize, u64) {
+        (self.rb.data().len(), self.rb.taken())
+    }
+
     fn discard(&mut self) {
         self.rb.discard();
     }
@@ -675,6 +696,10 @@ impl Conn for JsonConn {
 
     fn held(&self) -> usize {
         self.rb.held()
+    }
+
+    fn unread(&self) -> (usize, u64) {
+        (self.rb.data().len(), self.rb.taken())
     }
 
     fn discard(&mut self) {

@@ -53,6 +53,11 @@ counters!(
         connections_refused,
         /// Connections closed to give their buffers' memory to others.
         connections_evicted,
+        /// Connections closed by `idle_timeout`, and by `frame_timeout`.
+        connections_idle,
+        connections_slow,
+        /// Idle connections closed at `max_connections` to make room for a new one.
+        connections_replaced,
         /// Times a connection waited for peers' share of the memory budget.
         memory_waits,
         acks_sent,
@@ -270,6 +275,9 @@ fn core_help(field: &str) -> &'static str {
         "connections_closed" => "Connections ended",
         "connections_refused" => "Connections refused at max_connections",
         "connections_evicted" => "Connections closed to give their buffers' memory to others",
+        "connections_idle" => "Connections closed by idle_timeout",
+        "connections_slow" => "Connections closed by frame_timeout",
+        "connections_replaced" => "Idle connections closed at max_connections for a new one",
         "memory_waits" => "Times a connection waited for the input memory",
         "acks_sent" => "Forward acks written",
         "heartbeats" => "Forward UDP heartbeats answered",

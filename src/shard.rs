@@ -104,6 +104,8 @@ pub struct Shard {
     /// last seen.
     memory_waits: Vec<Rc<Link>>,
     releases_seen: usize,
+    /// By input: its idle and frame timeouts.
+    timeouts: Vec<(Duration, Duration)>,
     /// Every open connection, to wake when the phase changes.
     links: Vec<Rc<Link>>,
     pub phase: Phase,
@@ -195,6 +197,11 @@ impl Shard {
             budget,
             memory_waits: Vec::new(),
             releases_seen: 0,
+            timeouts: cfg
+                .inputs
+                .iter()
+                .map(|i| (i.idle_timeout, i.frame_timeout))
+                .collect(),
             links: Vec::new(),
             phase: Phase::Running,
             pump: None,
@@ -678,23 +685,92 @@ impl Shard {
             .filter(|l| l.held.get() >= least)
             .cloned();
         if let Some(l) = largest {
-            l.evicted.set(true);
-            l.wake();
-            self.counters.connections_evicted += 1;
-            if let Some(suppressed) = self.warn.allow(Warn::Memory) {
-                let peer = l.peer.get().map(|p| p.to_string()).unwrap_or_default();
-                tracing::warn!(
-                    peer,
-                    held = l.held.get(),
-                    share = self.budget.peer_limit(),
-                    core = self.core,
-                    suppressed,
-                    "Closing a connection: it holds the most of the input memory (half of engine.memory_limit), which is spent, while another connection waits for some"
-                );
-            }
+            self.evict(&l, Warn::Memory);
         }
         if let Some(w) = &self.pump {
             w.wake_by_ref();
+        }
+    }
+
+    /// Closes a connection (it notices when woken), counting and logging why.
+    fn evict(&mut self, l: &Rc<Link>, why: Warn) {
+        l.evicted.set(true);
+        l.wake();
+        let (counter, what) = match why {
+            Warn::Memory => (
+                &mut self.counters.connections_evicted,
+                "Closing a connection: it holds the most of the input memory (half of engine.memory_limit), which is spent, while another connection waits for some",
+            ),
+            Warn::Idle => (
+                &mut self.counters.connections_idle,
+                "Closing a connection: nothing came for its input's idle_timeout",
+            ),
+            Warn::Slow => (
+                &mut self.counters.connections_slow,
+                "Closing a connection: a frame or line it began did not arrive whole within its input's frame_timeout",
+            ),
+            _ => (
+                &mut self.counters.connections_replaced,
+                "Closing the longest idle connection: its input is at max_connections on this core and a new one came",
+            ),
+        };
+        *counter += 1;
+        if let Some(suppressed) = self.warn.allow(why) {
+            let peer = l.peer.get().map(|p| p.to_string()).unwrap_or_default();
+            tracing::warn!(
+                peer,
+                held = l.held.get(),
+                core = self.core,
+                suppressed,
+                "{what}"
+            );
+        }
+    }
+
+    /// Closes the connections whose peers went quiet for longer than their input's
+    /// `idle_timeout`, or have sent part of a frame or line for longer than its
+    /// `frame_timeout`. Only time spent waiting for the peer counts.
+    pub fn sweep(&mut self, now: Instant) {
+        let mut late = Vec::new();
+        for l in &self.links {
+            if l.evicted.get() || !l.reading.get() {
+                continue;
+            }
+            let (idle, frame) = self.timeouts[l.input.get()];
+            let over = |t: Option<Instant>, d| t.is_some_and(|t| now.duration_since(t) >= d);
+            if over(l.started.get(), frame) {
+                late.push((l.clone(), Warn::Slow));
+            } else if l.started.get().is_none() && l.outstanding() == 0 && over(l.heard.get(), idle)
+            {
+                late.push((l.clone(), Warn::Idle));
+            }
+        }
+        for (l, why) in late {
+            self.evict(&l, why);
+        }
+    }
+
+    /// At `max_connections`: closes the connection of `input` idle the longest, if one is
+    /// idle (nothing unfinished, no ack owed). Says whether it did.
+    pub fn replace_idle(&mut self, input: usize) -> bool {
+        let idle = self
+            .links
+            .iter()
+            .filter(|l| {
+                l.input.get() == input
+                    && l.reading.get()
+                    && !l.evicted.get()
+                    && l.started.get().is_none()
+                    && l.outstanding() == 0
+            })
+            .min_by_key(|l| l.heard.get())
+            .cloned();
+        match idle {
+            Some(l) => {
+                self.evict(&l, Warn::Crowded);
+                true
+            }
+            None => false,
         }
     }
 
@@ -880,6 +956,9 @@ impl Shard {
 #[derive(Clone, Copy)]
 enum Warn {
     Memory,
+    Idle,
+    Slow,
+    Crowded,
     Unmatched,
     Connection,
     Accept,
@@ -902,7 +981,10 @@ impl Warnings {
             Warn::Connection => 1,
             Warn::Accept => 2,
             Warn::Memory => 3,
-            Warn::Refused(k) => 4 + k,
+            Warn::Idle => 4,
+            Warn::Slow => 5,
+            Warn::Crowded => 6,
+            Warn::Refused(k) => 7 + k,
         };
         if self.last.len() <= i {
             self.last.resize(i + 1, (None, 0));

@@ -7,6 +7,7 @@
 //! any core starts), and is dropped once the cores have bound their own.
 
 pub mod epoll;
+pub mod holder;
 pub mod http;
 pub mod serve;
 pub mod uring;
@@ -75,6 +76,23 @@ pub fn uses_udp(kind: &InputKind) -> bool {
     }
 }
 
+/// Fails if another process has a socket bound to `addr` that SO_REUSEPORT would let
+/// ours share.
+fn taken(addr: SocketAddr, udp: bool) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match holder::holder(addr, udp) {
+        None => Ok(()),
+        Some(h) => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "already in use by {h}; is another sluice running? Two would split the connections between them"
+            ),
+        )),
+    }
+}
+
 /// Resolves every input's address and creates each core's datagram sockets.
 pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
     let workers = cfg.engine.workers;
@@ -121,6 +139,7 @@ pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
             });
         }
         if uses_tcp(&input.kind) {
+            taken(addr, false).map_err(|e| fail(addr, "TCP", e))?;
             let r = socket(addr, Type::STREAM, Protocol::TCP).map_err(|e| fail(addr, "TCP", e))?;
             addr = r
                 .local_addr()
@@ -133,6 +152,7 @@ pub fn bind(cfg: &Config) -> Result<Bound, BindError> {
             }
         }
         if uses_udp(&input.kind) {
+            taken(addr, true).map_err(|e| fail(addr, "UDP", e))?;
             for core in &mut bound.cores {
                 let s =
                     socket(addr, Type::DGRAM, Protocol::UDP).map_err(|e| fail(addr, "UDP", e))?;

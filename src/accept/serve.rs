@@ -421,7 +421,11 @@ fn read_at(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
 /// and the final counters.
 const FINAL_MARGIN: Duration = Duration::from_millis(1500);
 
-/// Moves batches and completions, seals lingering batches, and reports counters.
+/// How often connections are checked against their timeouts.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// Moves batches and completions, seals lingering batches, closes timed-out connections,
+/// and reports counters.
 async fn pump<R: Runtime>(
     shard: Shared,
     reporter: Reporter,
@@ -429,6 +433,7 @@ async fn pump<R: Runtime>(
     report_every: Duration,
 ) {
     let mut next_report = Instant::now() + report_every;
+    let mut next_sweep = Instant::now() + SWEEP_EVERY;
     loop {
         // The pump does its work whenever a ring wakes it; the timer bounds linger.
         futures_lite::future::or(
@@ -441,6 +446,10 @@ async fn pump<R: Runtime>(
         .await;
         let now = Instant::now();
         shard.borrow_mut().seal_due(now);
+        if now >= next_sweep {
+            shard.borrow_mut().sweep(now);
+            next_sweep = now + SWEEP_EVERY;
+        }
         if now >= next_report {
             shard.borrow().report(&reporter);
             next_report = now + report_every;
@@ -537,7 +546,8 @@ async fn accept<R: Runtime>(
                 continue;
             }
         };
-        if open.get() >= limit {
+        // A full input makes room by closing its longest idle connection, if it has one.
+        if open.get() >= limit && !shard.borrow_mut().replace_idle(input) {
             shard.borrow_mut().refused_connection(limit);
             continue;
         }
@@ -608,14 +618,25 @@ async fn serve<R: Runtime, C: Conn>(
     let link = conn.link().clone();
     link.peer.set(R::prepare(&stream));
     link.input.set(input);
+    link.heard.set(Some(Instant::now()));
     shard.borrow_mut().open_link(&link);
+    let mut taken = 0;
     loop {
         // Acks the peer does not read stop the processing that makes them, not only the
         // reads: whatever brought the input in, unwritten acks stay within the bound.
+        let mut waited = Want::Input;
         let wake = if link.pending_acks() > MAX_PENDING_ACKS {
             poll_fn(|cx| poll_drain_acks::<R>(cx, &mut stream, &link, shard)).await
         } else {
             let progress = conn.process(&mut shard.borrow_mut());
+            // The frame clock restarts with each new unfinished frame or line.
+            let (unread, now_taken) = conn.unread();
+            if unread == 0 {
+                link.started.set(None);
+            } else if now_taken != taken || link.started.get().is_none() {
+                link.started.set(Some(Instant::now()));
+            }
+            taken = now_taken;
             let want = match progress {
                 Progress::Close(e) => {
                     shard
@@ -642,6 +663,7 @@ async fn serve<R: Runtime, C: Conn>(
                 Progress::Read => Want::Input,
                 Progress::Blocked => Want::Unblocked,
             };
+            waited = want;
             poll_fn(|cx| poll_conn::<R, _>(cx, &mut stream, &mut conn, &link, shard, want)).await
         };
         match wake {
@@ -653,6 +675,7 @@ async fn serve<R: Runtime, C: Conn>(
             Wake::Read(n) => {
                 conn.filled(n);
                 link.held.set(conn.held());
+                link.heard.set(Some(Instant::now()));
                 shard.borrow_mut().read(input, n);
             }
             Wake::Evicted => {
@@ -662,7 +685,16 @@ async fn serve<R: Runtime, C: Conn>(
                 owe_acks::<R>(&mut stream, &link, shard).await;
                 break;
             }
-            Wake::Unblocked => {}
+            Wake::Unblocked => {
+                // Time held back by the core is not the peer's.
+                if waited == Want::Unblocked {
+                    let now = Instant::now();
+                    link.heard.set(Some(now));
+                    if link.started.get().is_some() {
+                        link.started.set(Some(now));
+                    }
+                }
+            }
             Wake::Stop => {
                 // A frame paused half-way is given up (and not acked) before waiting on
                 // the acks of the rest.
@@ -691,6 +723,7 @@ fn poll_conn<R: Runtime, C: Conn>(
     want: Want,
 ) -> Poll<Wake> {
     link.set_waker(cx.waker());
+    link.reading.set(false);
     if let Err(e) = poll_write_acks::<R>(cx, stream, link) {
         return Poll::Ready(Wake::Failed(e));
     }
@@ -707,7 +740,11 @@ fn poll_conn<R: Runtime, C: Conn>(
     }
     match want {
         Want::Unblocked => return Poll::Ready(Wake::Unblocked),
-        Want::Memory if link.memory_wait.get() => return Poll::Pending,
+        // Waiting for memory counts against frame_timeout: a stalled frame is closed.
+        Want::Memory if link.memory_wait.get() => {
+            link.reading.set(true);
+            return Poll::Pending;
+        }
         Want::Memory => return Poll::Ready(Wake::Unblocked),
         Want::Input => {}
     }
@@ -723,6 +760,7 @@ fn poll_conn<R: Runtime, C: Conn>(
     if buf.is_empty() {
         // Peers' memory is spent: wait for some to be given back.
         s.wait_memory(link);
+        link.reading.set(true);
         return Poll::Pending;
     }
     drop(s);
@@ -734,6 +772,7 @@ fn poll_conn<R: Runtime, C: Conn>(
             // so an idle connection gives its buffer back.
             conn.idle();
             link.held.set(conn.held());
+            link.reading.set(true);
             Poll::Pending
         }
     }

@@ -82,6 +82,8 @@ struct ForwardFile {
     max_connections: Option<usize>,
     ack: Option<AckPolicy>,
     max_unacked_bytes: Option<Size>,
+    idle_timeout: Option<Dur>,
+    frame_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +96,8 @@ struct JsonLinesFile {
     tag_key: Option<String>,
     max_line_bytes: Option<Size>,
     max_connections: Option<usize>,
+    idle_timeout: Option<Dur>,
+    frame_timeout: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +353,10 @@ pub struct Input {
     pub name: String,
     pub address: SocketAddr,
     pub max_connections: usize,
+    /// A connection that sends nothing (and waits for no ack) this long is closed.
+    pub idle_timeout: Duration,
+    /// A frame or line, once started, must arrive whole within this.
+    pub frame_timeout: Duration,
     pub kind: InputKind,
 }
 
@@ -766,6 +774,32 @@ fn bounded(
 
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Long: a client that sends without acks loses what it writes into a connection closed
+/// under it, and quiet containers are common. Crowds of idle peers are met by closing the
+/// longest idle one at `max_connections` instead.
+const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
+/// A minute for a frame of at most `max_frame_bytes` (8 MiB: about 1 Mbit/s).
+const DEFAULT_FRAME: Duration = Duration::from_secs(60);
+
+fn timeout(
+    key: &str,
+    field: &str,
+    v: Option<Dur>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = v.map_or(default, |d| d.0);
+    if d < Duration::from_millis(100) || d > Duration::from_secs(7 * 24 * 3600) {
+        return Err(err(
+            format!("{key}.{field}"),
+            format!(
+                "{} is out of range (100ms to 7 days)",
+                humantime::format_duration(d)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
 /// Fluent Bit's `in_forward` holds 6 MB (`buffer_max_size`); Fluent Bit and Fluentd send
 /// chunks of a few MB. Lower where half of `memory_limit` is smaller.
 const DEFAULT_MAX_FRAME: u64 = 8 << 20;
@@ -887,6 +921,8 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 Input {
                     address: address(&key, f.address, crate::limits::FORWARD_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    idle_timeout: timeout(&key, "idle_timeout", f.idle_timeout, DEFAULT_IDLE)?,
+                    frame_timeout: timeout(&key, "frame_timeout", f.frame_timeout, DEFAULT_FRAME)?,
                     kind: InputKind::Forward {
                         max_frame_bytes,
                         max_decompressed_bytes: fits(
@@ -930,6 +966,8 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 Input {
                     address: address(&key, f.address, crate::limits::JSON_LINES_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    idle_timeout: timeout(&key, "idle_timeout", f.idle_timeout, DEFAULT_IDLE)?,
+                    frame_timeout: timeout(&key, "frame_timeout", f.frame_timeout, DEFAULT_FRAME)?,
                     kind: InputKind::JsonLines {
                         tcp,
                         udp,
@@ -950,6 +988,9 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 Input {
                     address: address(&key, f.address, crate::limits::HTTP_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                    // Not used: hyper bounds a request head by its header_read_timeout.
+                    idle_timeout: DEFAULT_IDLE,
+                    frame_timeout: DEFAULT_FRAME,
                     kind: InputKind::Http {
                         max_body_bytes: bounded(
                             &format!("{key}.max_body_bytes"),

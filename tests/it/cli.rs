@@ -433,3 +433,34 @@ fn own_logs_can_be_json_lines() {
         "{last}"
     );
 }
+
+/// A second sluice on the address of a running one exits 1, naming the address and the
+/// process; SO_REUSEPORT would otherwise have them split the connections.
+#[test]
+fn a_second_instance_on_the_same_address_fails() {
+    let cfg = |addr: &str| {
+        format!(
+            "[inputs.fwd]\ntype = \"forward\"\naddress = \"{addr}\"\n\
+             [sinks.out]\ntype = \"null\"\n[[routes]]\nmatch = \"**\"\nsinks = \"out\"\n"
+        )
+    };
+    let mut first = Sluice::start("first-instance", &cfg("127.0.0.1:0"));
+    let addr = first.addr("fwd");
+    let dir = scratch_dir("second-instance");
+    let path = dir.join("c.toml");
+    std::fs::write(&path, cfg(&addr.to_string())).unwrap();
+    let o = sluice(&["run", "--config", path.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("inputs.fwd.address: cannot bind {addr} (TCP)"))
+            && t.contains(&format!(
+                "already in use by process {} (sluice)",
+                first.pid()
+            )),
+        "{t}"
+    );
+    // The first one still serves.
+    send_acked(addr, "frontend", "first", 10);
+    first.assert_healthy();
+}

@@ -111,7 +111,11 @@ fn push_all(conns: &mut [TcpStream], head: &[u8], want: u64, stall: Duration) ->
 #[test]
 fn unfinished_frames_stay_within_the_memory_budget() {
     const LIMIT_MIB: u64 = 64;
-    let cfg = config(LIMIT_MIB, "max_frame_bytes = \"16MiB\"");
+    // Those left waiting for memory that only each other hold are closed by frame_timeout.
+    let cfg = config(
+        LIMIT_MIB,
+        "max_frame_bytes = \"16MiB\"\nframe_timeout = \"5s\"",
+    );
     let mut s = Sluice::start("hostile-unfinished", &cfg);
     let fwd = s.addr("fwd");
     let idle = s.rss_kib();
@@ -170,8 +174,132 @@ fn unfinished_frames_stay_within_the_memory_budget() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    s.wait_stat("connections_closed", |n| n == 201);
     let lines = wait_json_lines(&mut s, "out", sent);
     assert_eq!(lines.len(), sent, "only the good events");
     assert_exactly_once(&lines, "good", "good", sent);
+    s.assert_healthy();
+}
+
+/// 12,000 connections that send nothing: at max_connections the longest idle ones make
+/// room for new ones, idle_timeout closes the rest, and a new client is served.
+#[test]
+fn idle_crowds_do_not_lock_clients_out() {
+    let cfg = config(32, "idle_timeout = \"3s\"");
+    let mut s = Sluice::start("hostile-idle", &cfg);
+    let fwd = s.addr("fwd");
+    let start = Instant::now();
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for _ in 0..12_000 {
+        idle.push(TcpStream::connect(fwd).expect("connecting an idle peer"));
+    }
+    eprintln!(
+        "12,000 idle connections in {:?}; RSS {} MiB",
+        start.elapsed(),
+        s.rss_kib() / 1024
+    );
+    // A new client is served while they are all still open (and some of them on its core).
+    let stop = Arc::new(AtomicBool::new(true));
+    let sent = good_client(fwd, stop, 200).join().unwrap();
+    let stats = s.wait_stat("connections_replaced", |n| n >= 2_000);
+    eprintln!(
+        "replaced {:?}, refused {:?}; RSS {} MiB",
+        stats.get("connections_replaced"),
+        stats.get("connections_refused"),
+        s.rss_kib() / 1024
+    );
+    assert_eq!(stats["connections_refused"], 0, "{stats:?}");
+    // And the idle ones are closed by idle_timeout.
+    s.wait_stat("connections_idle", |n| n >= 9_000);
+    s.wait_log("idle close", |l| {
+        l.contains("nothing came for its input's idle_timeout") && l.contains("peer=\"127.0.0.1:")
+    });
+    let mut probe = idle.pop().unwrap();
+    assert!(crate::frames::closed_by_server(&mut probe));
+    drop(idle);
+    let lines = wait_json_lines(&mut s, "out", sent);
+    assert_exactly_once(&lines, "good", "good", sent);
+    s.assert_healthy();
+}
+
+/// A frame sent at a byte a second is closed within frame_timeout (and a second).
+#[test]
+fn a_slowloris_is_closed_within_frame_timeout() {
+    let cfg = config(32, "frame_timeout = \"2s\"");
+    let mut s = Sluice::start("hostile-slow", &cfg);
+    let fwd = s.addr("fwd");
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = good_client(fwd, stop.clone(), 200);
+    let whole = frame(
+        Mode::Forward,
+        "slow",
+        &[(Time::Int(1), record("slow", 0, 200))],
+        None,
+    );
+    let mut slow = connect(fwd);
+    let begun = Instant::now();
+    let mut closed = None;
+    for b in &whole {
+        if slow.write_all(&[*b]).is_err() {
+            closed = Some(begun.elapsed());
+            break;
+        }
+        slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut tmp = [0u8; 16];
+        match std::io::Read::read(&mut slow, &mut tmp) {
+            Ok(0) => {
+                closed = Some(begun.elapsed());
+                break;
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                closed = Some(begun.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    let closed = closed.expect("the slow frame was never closed");
+    eprintln!("slowloris closed after {closed:?}");
+    assert!(
+        closed <= Duration::from_secs(3) + Duration::from_millis(500),
+        "closed after {closed:?} (frame_timeout 2s)"
+    );
+    s.wait_stat("connections_slow", |n| n == 1);
+    s.wait_log("slow close", |l| {
+        l.contains("did not arrive whole within its input's frame_timeout")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let sent = good.join().unwrap();
+    let lines = wait_json_lines(&mut s, "out", sent);
+    assert_eq!(lines.len(), sent, "nothing of the slow frame");
+    assert_exactly_once(&lines, "good", "good", sent);
+    s.assert_healthy();
+}
+
+/// The acks owed for good frames are written before a bad frame closes the connection.
+#[test]
+fn acks_owed_are_written_before_a_bad_frame_closes() {
+    let cfg = config(32, "");
+    let mut s = Sluice::start("hostile-owed", &cfg);
+    let mut c = connect(s.addr("fwd"));
+    let mut bytes = Vec::new();
+    for k in 0..5 {
+        let events = [(Time::Int(1), record("owed", k, 200))];
+        bytes.extend(frame(
+            Mode::Forward,
+            "owed",
+            &events,
+            Some(&format!("o{k}")),
+        ));
+    }
+    // A frame whose tag is not a string.
+    bytes.extend([0x93, 0x01, 0x01, 0x80]);
+    c.write_all(&bytes).unwrap();
+    let acks = read_acks(&mut c, 5);
+    assert_eq!(acks, ["o0", "o1", "o2", "o3", "o4"]);
+    assert!(crate::frames::closed_by_server(&mut c));
+    s.wait_stat("errors.bad_tag", |n| n == 1);
+    let lines = wait_json_lines(&mut s, "out", 5);
+    assert_exactly_once(&lines, "owed", "owed", 5);
     s.assert_healthy();
 }
