@@ -303,3 +303,83 @@ fn acks_owed_are_written_before_a_bad_frame_closes() {
     assert_exactly_once(&lines, "owed", "owed", 5);
     s.assert_healthy();
 }
+
+/// `member` repeated until it inflates to 10 GiB: gzip members and zstd frames may follow
+/// one another in one body.
+fn bomb(codec: &str) -> Vec<u8> {
+    let body = match codec {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::best());
+            e.write_all(&vec![0u8; 64 << 20]).unwrap();
+            e.finish().unwrap().repeat(160)
+        }
+        // Frames of 1 MiB, whose window is within what sluice accepts.
+        _ => zstd::bulk::compress(&vec![0u8; 1 << 20], 19)
+            .unwrap()
+            .repeat(10 << 10),
+    };
+    // [tag, bin32(body), {"compressed": codec}]
+    let mut f = vec![0x93, 0xa4];
+    f.extend(b"bomb");
+    f.push(0xc6);
+    f.extend((body.len() as u32).to_be_bytes());
+    f.extend(&body);
+    f.extend([0x81, 0xaa]);
+    f.extend(b"compressed");
+    f.push(0xa0 | codec.len() as u8);
+    f.extend(codec.as_bytes());
+    f
+}
+
+/// Two 10 GiB gzip bombs at once and a zstd bomb: each is refused at
+/// max_decompressed_bytes, and inflation never holds more than that.
+#[test]
+fn decompression_bombs_are_refused_within_the_budget() {
+    const LIMIT_MIB: u64 = 64;
+    let cfg = config(LIMIT_MIB, "max_frame_bytes = \"16MiB\"");
+    let mut s = Sluice::start("hostile-bombs", &cfg);
+    let fwd = s.addr("fwd");
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = good_client(fwd, stop.clone(), 2000);
+    let (gz, zst) = (bomb("gzip"), bomb("zstd"));
+    eprintln!(
+        "bombs: gzip {} KiB, zstd {} KiB, each 10 GiB inflated",
+        gz.len() >> 10,
+        zst.len() >> 10
+    );
+    let bombers: Vec<_> = [gz.clone(), gz, zst]
+        .into_iter()
+        .map(|b| {
+            std::thread::spawn(move || {
+                let mut c = connect(fwd);
+                // Closed while still sending is as good as after.
+                let _ = c.write_all(&b);
+                crate::frames::closed_by_server(&mut c)
+            })
+        })
+        .collect();
+    for b in bombers {
+        assert!(b.join().unwrap(), "a bomb's connection was closed");
+    }
+    // Refused as it inflates past the limit, or closed first for holding the most of
+    // the input memory (a 10 MiB frame) while another connection waits.
+    let (refused, evicted) = s.wait_for("three bombs refused", |s| {
+        let st = s.stats();
+        let n = |k: &str| st.get(k).copied().unwrap_or(0);
+        let r = (n("errors.decompressed_too_large"), n("connections_evicted"));
+        (r.0 >= 1 && r.0 + r.1 >= 3).then_some(r)
+    });
+    eprintln!("{refused} refused at max_decompressed_bytes, {evicted} closed for memory");
+    stop.store(true, Ordering::Relaxed);
+    let sent = good.join().unwrap();
+    let peak = s.peak_rss_kib();
+    eprintln!("bombs refused; peak RSS {} MiB", peak / 1024);
+    assert!(
+        peak < (LIMIT_MIB + OVERHEAD_MIB) * 1024,
+        "peak RSS {peak} KiB against memory_limit {LIMIT_MIB} MiB"
+    );
+    let lines = wait_json_lines(&mut s, "out", sent);
+    assert_eq!(lines.len(), sent, "only the good events");
+    assert_exactly_once(&lines, "good", "good", sent);
+    s.assert_healthy();
+}
