@@ -381,6 +381,18 @@ impl Drop for FrameScratch {
     }
 }
 
+/// What one Forward connection may make the core take.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardLimits {
+    pub max_frame: usize,
+    pub max_inflated: usize,
+    /// Bytes of unacked chunks at which the connection stops being read.
+    pub max_unacked: usize,
+    /// Events in one frame: with the tag copied into each, what bounds how much output a
+    /// frame's bytes can become.
+    pub max_events: u64,
+}
+
 /// A Forward protocol connection.
 pub struct ForwardConn {
     rb: ReadBuf,
@@ -388,6 +400,7 @@ pub struct ForwardConn {
     /// The core's buffers for validating and inflating frames.
     scratch: Rc<RefCell<FrameScratch>>,
     max_inflated: usize,
+    max_events: u64,
     /// Bytes the decoder needs before it can go on.
     need: usize,
     /// A frame whose ingestion paused on backpressure, still first in the buffer.
@@ -405,23 +418,33 @@ struct Paused {
 }
 
 impl ForwardConn {
-    pub fn new(
-        max_frame: usize,
-        max_inflated: usize,
-        max_unacked: usize,
-        scratch: Rc<RefCell<FrameScratch>>,
-        mem: Mem,
-    ) -> Self {
+    pub fn new(limits: ForwardLimits, scratch: Rc<RefCell<FrameScratch>>, mem: Mem) -> Self {
+        let ForwardLimits {
+            max_frame,
+            max_inflated,
+            max_unacked,
+            max_events,
+        } = limits;
         ForwardConn {
             max_unacked,
             rb: ReadBuf::new(READ_CHUNK, max_frame + READ_CHUNK, 0, mem),
             decoder: Decoder::new(max_frame),
             scratch,
             max_inflated,
+            max_events,
             need: 1,
             paused: None,
             link: Rc::new(Link::default()),
         }
+    }
+}
+
+impl ForwardConn {
+    fn count_ok(&self, n: u64) -> Result<u64, DecodeError> {
+        if n > self.max_events {
+            return Err(DecodeError::TooManyEvents(self.max_events));
+        }
+        Ok(n)
     }
 }
 
@@ -466,7 +489,8 @@ impl Conn for ForwardConn {
             if resumed.is_none() && shard.diverts(&self.link) {
                 let events = frame
                     .events(&mut fs.scratch, limit)
-                    .map(|e| e.count() as u64);
+                    .map(|e| e.count() as u64)
+                    .and_then(|n| self.count_ok(n));
                 fs.charge();
                 let events = match events {
                     Ok(events) => events,
@@ -486,6 +510,7 @@ impl Conn for ForwardConn {
                     // Validated (and inflated) first, so that the charge is known before
                     // its events are taken.
                     let checked = frame.events(&mut fs.scratch, limit).map(|_| ());
+                    let checked = checked.and_then(|()| self.count_ok(fs.scratch.events()));
                     fs.charge();
                     if let Err(e) = checked {
                         return refuse(e, limit < self.max_inflated, &mut fs);
@@ -1112,13 +1137,26 @@ fn ingest_line(
     peer: Option<SocketAddr>,
     ticket: Option<Ticket>,
 ) {
+    let mut long = false;
     let r = parser.parse(buf, len, |obj| {
         let tag = source
             .tag_key
             .as_deref()
             .and_then(|k| field_str(obj, k))
             .unwrap_or(&source.tag);
+        // A tag is copied into every event's output: bounded as Forward tags are.
+        if tag.len() > crate::limits::MAX_TAG {
+            long = true;
+            return;
+        }
         shard.ingest_json(source.input, tag, now, obj, ticket);
+    });
+    let r = r.and_then(|v| {
+        if long {
+            Err(DecodeError::TagTooLong)
+        } else {
+            Ok(v)
+        }
     });
     if let Err(e) = r {
         shard.refused(e, "Skipping a line", peer);

@@ -1045,10 +1045,14 @@ mod tests {
             &cfg,
             vec![CoreSink::stream(batches, done, Budget::unlimited())],
         );
+        let limits = crate::conn::ForwardLimits {
+            max_frame: 64 << 20,
+            max_inflated: 64 << 20,
+            max_unacked: 64 << 20,
+            max_events: u64::MAX,
+        };
         let conn = ForwardConn::new(
-            64 << 20,
-            64 << 20,
-            64 << 20,
+            limits,
             Rc::new(RefCell::new(FrameScratch::new(Budget::unlimited()))),
             Mem::unlimited(),
         );

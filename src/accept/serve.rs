@@ -17,8 +17,8 @@ use super::CoreSockets;
 use super::http::Job;
 use crate::config::{Config, InputKind};
 use crate::conn::{
-    Conn, ForwardConn, FrameScratch, JsonConn, JsonSource, Link, Mem, Progress, Replay,
-    ingest_datagram, ingest_http,
+    Conn, ForwardConn, ForwardLimits, FrameScratch, JsonConn, JsonSource, Link, Mem, Progress,
+    Replay, ingest_datagram, ingest_http,
 };
 use crate::decode::jsonl::JsonParser;
 use crate::limits::{HEARTBEAT_REPLY, JSON_PADDING, MAX_DATAGRAM};
@@ -199,7 +199,7 @@ pub async fn run<R: Runtime>(ctx: CoreCtx) {
     for (i, sock) in datagram_socks {
         let source = match Proto::of(i, &cfg.inputs[i].kind) {
             Proto::Json { source, .. } => Some(source),
-            Proto::Forward { .. } => None,
+            Proto::Forward(_) => None,
         };
         inputs.push(R::spawn(datagrams::<R>(sock, i, source, shard.clone())));
     }
@@ -459,11 +459,7 @@ async fn pump<R: Runtime>(
 
 /// How an input's connections speak, fixed when its listener starts.
 enum Proto {
-    Forward {
-        max_frame: usize,
-        max_inflated: usize,
-        max_unacked: usize,
-    },
+    Forward(ForwardLimits),
     Json {
         max_line: usize,
         source: Rc<JsonSource>,
@@ -477,12 +473,14 @@ impl Proto {
                 max_frame_bytes,
                 max_decompressed_bytes,
                 max_unacked_bytes,
+                max_events_per_frame,
                 ..
-            } => Proto::Forward {
+            } => Proto::Forward(ForwardLimits {
                 max_frame: *max_frame_bytes,
                 max_inflated: *max_decompressed_bytes,
                 max_unacked: *max_unacked_bytes,
-            },
+                max_events: *max_events_per_frame,
+            }),
             InputKind::JsonLines {
                 max_line_bytes,
                 tag,
@@ -554,18 +552,8 @@ async fn accept<R: Runtime>(
         open.set(open.get() + 1);
         let (shard, open, guard) = (shard.clone(), open.clone(), tasks.enter());
         match &proto {
-            Proto::Forward {
-                max_frame,
-                max_inflated,
-                max_unacked,
-            } => {
-                let conn = ForwardConn::new(
-                    *max_frame,
-                    *max_inflated,
-                    *max_unacked,
-                    scratch.clone(),
-                    mem.clone(),
-                );
+            Proto::Forward(limits) => {
+                let conn = ForwardConn::new(*limits, scratch.clone(), mem.clone());
                 R::spawn_detached(async move {
                     serve::<R, _>(stream, input, conn, &shard).await;
                     open.set(open.get() - 1);

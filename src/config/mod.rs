@@ -84,6 +84,7 @@ struct ForwardFile {
     max_unacked_bytes: Option<Size>,
     idle_timeout: Option<Dur>,
     frame_timeout: Option<Dur>,
+    max_events_per_frame: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -370,6 +371,7 @@ pub enum InputKind {
         ack: AckPolicy,
         /// Bytes of chunks a connection may have unacked before it stops being read.
         max_unacked_bytes: usize,
+        max_events_per_frame: u64,
     },
     JsonLines {
         tcp: bool,
@@ -942,6 +944,15 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                             (Some(a), _) => a,
                             (None, Some(_)) => AckPolicy::Durable,
                             (None, None) => AckPolicy::Delivered,
+                        },
+                        max_events_per_frame: match f.max_events_per_frame.unwrap_or(100_000) {
+                            0 => {
+                                return Err(err(
+                                    format!("{key}.max_events_per_frame"),
+                                    "must be at least 1",
+                                ));
+                            }
+                            n => n,
                         },
                         max_unacked_bytes: bounded(
                             &format!("{key}.max_unacked_bytes"),

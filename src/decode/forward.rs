@@ -380,6 +380,11 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// Events in the frame last validated.
+    pub fn events(&self) -> u64 {
+        self.count
+    }
+
     /// Bytes the frame last validated inflated to (0 if it was not compressed).
     pub fn inflated_len(&self) -> usize {
         self.inflated.len()
@@ -432,6 +437,7 @@ impl<'a> Frame<'a> {
         scratch.inflated.clear();
         let body = match self.entries {
             Entries::Message(ev) => {
+                scratch.count = 1;
                 return Ok(Events {
                     body: &[],
                     spans: [].iter(),

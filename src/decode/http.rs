@@ -44,6 +44,8 @@ pub enum RequestError {
     NoTag,
     #[error("the tag is not UTF-8")]
     BadTag,
+    #[error("the tag is longer than {} bytes", crate::limits::MAX_TAG)]
+    TagTooLong,
     #[error(
         "unsupported Content-Type {0:?}: use application/json, application/msgpack or a json= or msgpack= form field"
     )]
@@ -142,6 +144,9 @@ fn tag_of(path: &str) -> Result<String, RequestError> {
     let tag = tag.trim_end_matches('/').replace('/', ".");
     if tag.is_empty() {
         return Err(RequestError::NoTag);
+    }
+    if tag.len() > crate::limits::MAX_TAG {
+        return Err(RequestError::TagTooLong);
     }
     Ok(tag)
 }

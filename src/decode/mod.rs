@@ -95,11 +95,13 @@ pub enum DecodeError {
     LineTooLong(usize),
     #[error("bytes follow the records")]
     Trailing,
+    #[error("frame holds more than max_events_per_frame ({0}) events")]
+    TooManyEvents(u64),
 }
 
 impl DecodeError {
     /// Counter names, indexed by [`DecodeError::index`].
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 24] = [
         "not_a_frame",
         "truncated",
         "reserved_marker",
@@ -123,6 +125,7 @@ impl DecodeError {
         "line_too_long",
         "tag_too_long",
         "trailing",
+        "too_many_events",
     ];
 
     pub fn index(&self) -> usize {
@@ -150,6 +153,7 @@ impl DecodeError {
             DecodeError::LineTooLong(_) => 20,
             DecodeError::TagTooLong => 21,
             DecodeError::Trailing => 22,
+            DecodeError::TooManyEvents(_) => 23,
         }
     }
 

@@ -23,7 +23,8 @@ max_frame_bytes = "1MiB"
 [inputs.json]
 type = "json_lines"
 address = "127.0.0.1:0"
-max_line_bytes = 1024
+max_line_bytes = 4096
+tag_key = "tag"
 
 [sinks.out]
 type = "file"
@@ -55,7 +56,12 @@ fn broken_frames() -> Vec<(&'static str, Vec<u8>)> {
     let mut too_large = vec![0x92, 0xa1, b't', 0xc6];
     too_large.extend((64u32 << 20).to_be_bytes());
 
+    // 100,001 empty events in 300 KB: past max_events_per_frame's default.
+    let mut many = vec![0x92, 0xa1, b't'];
+    rmp::encode::write_bin(&mut many, &[0x92, 0x01, 0x80].repeat(100_001)).unwrap();
+
     vec![
+        ("too_many_events", many),
         // A tag that is an integer.
         ("bad_tag", vec![0x93, 0x2a, 0x01, 0x80]),
         // EventTime with ext type 5.
@@ -131,9 +137,12 @@ fn broken_input_is_refused_alone_while_good_traffic_flows() {
     let mut j = TcpStream::connect(s.addr("json")).unwrap();
     j.write_all(format!("{{\"x\":\"{}\"}}\n", "z".repeat(5000)).as_bytes())
         .unwrap();
-    j.write_all(b"{\"tag\":\"after\",\"seq\":0,\"client\":\"json\"}\n")
+    // A tag past 1 KiB: it would be copied into the event, so the line is skipped.
+    j.write_all(format!("{{\"tag\":\"{}\"}}\n", "t".repeat(1025)).as_bytes())
         .unwrap();
+    j.write_all(b"{\"seq\":0,\"client\":\"json\"}\n").unwrap();
     s.wait_stat("errors.line_too_long", |n| n == 1);
+    s.wait_stat("errors.tag_too_long", |n| n == 1);
 
     stop.store(true, Ordering::Relaxed);
     let sent = good.join().unwrap();
