@@ -293,6 +293,9 @@ pub enum Progress {
     Blocked,
     /// Processed a turn's worth; yield to other tasks, then go on.
     Yield,
+    /// Finished a frame that kept the core's other connections waiting: let them go
+    /// first, then go on.
+    Turn,
     /// Peers' share of the memory budget has no room for what the next frame needs: wait
     /// until some is given back.
     Memory,
@@ -531,6 +534,10 @@ impl Conn for ForwardConn {
                     drop(fs);
                     self.rb.consume(len);
                     self.need = 1;
+                    // A frame that held the others back gives them the next turn.
+                    if resumed.is_some() {
+                        return Progress::Turn;
+                    }
                 }
                 Ingested::Paused(n) => {
                     self.paused = Some(Paused {

@@ -98,6 +98,7 @@ pub struct Shard {
     pub errors: ErrorCounts,
     /// Connections waiting for the shard to unblock.
     parked: Vec<Rc<Link>>,
+    wake_turn: usize,
     /// The memory budget, whose peers' share the connections' buffers come from.
     budget: Arc<Budget>,
     /// Connections waiting for peers' memory to be given back, and the release count
@@ -194,6 +195,7 @@ impl Shard {
             counters: CoreCounters::default(),
             errors: [0; DecodeError::NAMES.len()],
             parked: Vec::new(),
+            wake_turn: 0,
             budget,
             memory_waits: Vec::new(),
             releases_seen: 0,
@@ -404,7 +406,15 @@ impl Shard {
         }
     }
 
+    /// Wakes the parked connections, each time starting one further along: they run in
+    /// the order woken, and the first ones fill what room there is, so no connection may
+    /// always go first.
     fn wake_parked(&mut self) {
+        if self.parked.len() > 1 {
+            self.wake_turn = self.wake_turn.wrapping_add(1);
+            let k = self.wake_turn % self.parked.len();
+            self.parked.rotate_left(k);
+        }
         for l in self.parked.drain(..) {
             l.parked.set(false);
             l.wake();

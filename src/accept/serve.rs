@@ -640,6 +640,10 @@ async fn serve<R: Runtime, C: Conn>(
                     R::yield_if_needed().await;
                     continue;
                 }
+                Progress::Turn => {
+                    futures_lite::future::yield_now().await;
+                    continue;
+                }
                 Progress::Memory => {
                     shard.borrow_mut().wait_memory(&link);
                     Want::Memory

@@ -383,3 +383,143 @@ fn decompression_bombs_are_refused_within_the_budget() {
     assert_exactly_once(&lines, "good", "good", sent);
     s.assert_healthy();
 }
+
+/// 10 senders that never wait and 10 that wait for each ack share a slow sink (a pipe
+/// read at a limited pace): the connections held back take turns, so every acked client
+/// keeps getting acks, none fewer than a tenth of the average.
+#[test]
+fn acked_clients_are_not_starved_by_blasters() {
+    use std::io::BufRead;
+    let cfg = r#"
+[engine]
+workers = 2
+stats_interval = "1s"
+ring_capacity = 2
+
+[inputs.fwd]
+type = "forward"
+address = "127.0.0.1:0"
+
+[sinks.out]
+type = "stdout"
+batch_bytes = "64KiB"
+linger = "20ms"
+
+[[routes]]
+match = "**"
+sinks = "out"
+"#;
+    let mut s = Sluice::start_with(
+        "hostile-fair",
+        cfg,
+        crate::harness::Opts {
+            pipe_stdout: true,
+            ..Default::default()
+        },
+    );
+    let fwd = s.addr("fwd");
+    // The slow sink: about 25,000 lines a second are read.
+    let target = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let stdout = s.stdout.take().unwrap();
+    let reader = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let mut acked: Vec<Vec<u32>> = vec![Vec::new(); 10];
+            let mut lines = 0;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                if let Some(c) = v["client"].as_str().and_then(|c| c.strip_prefix('a')) {
+                    acked[c.parse::<usize>().unwrap()].push(v["seq"].as_u64().unwrap() as u32);
+                }
+                lines += 1;
+                if lines % 100 == 0 {
+                    std::thread::sleep(Duration::from_millis(4));
+                }
+                if lines >= target.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            (lines, acked)
+        })
+    };
+    // Large frames: one paused half-way holds the core's other connections back until it
+    // is finished.
+    const BLAST: usize = 5000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let blasters: Vec<_> = (0..10)
+        .map(|b| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(fwd);
+                let mut sent = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let events: Vec<_> = (0..BLAST)
+                        .map(|k| (Time::Int(1), record(&format!("b{b}"), sent + k, 100)))
+                        .collect();
+                    c.write_all(&frame(Mode::PackedBin, "blast", &events, None))
+                        .unwrap();
+                    sent += BLAST;
+                }
+                sent
+            })
+        })
+        .collect();
+    let acked: Vec<_> = (0..10)
+        .map(|a| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(fwd);
+                let (mut sent, mut acks) = (0, Vec::new());
+                let begun = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let events: Vec<_> = (0..10)
+                        .map(|k| (Time::Int(1), record(&format!("a{a}"), sent + k, 100)))
+                        .collect();
+                    let chunk = format!("a{a}-{sent}");
+                    c.write_all(&frame(Mode::PackedBin, "acked", &events, Some(&chunk)))
+                        .unwrap();
+                    assert_eq!(read_acks(&mut c, 1), [chunk]);
+                    acks.push(begun.elapsed());
+                    sent += 10;
+                }
+                (sent, acks)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(16));
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<(usize, Vec<Duration>)> = acked.into_iter().map(|t| t.join().unwrap()).collect();
+    let blasted: usize = blasters.into_iter().map(|t| t.join().unwrap()).sum();
+    let sent: usize = acked.iter().map(|a| a.0).sum();
+    target.store(blasted + sent, Ordering::Relaxed);
+    let (lines, seqs) = reader.join().unwrap();
+    let counts: Vec<usize> = acked.iter().map(|a| a.1.len()).collect();
+    // Acks in the second half of the run, when the blasters had long filled everything,
+    // and before they stopped.
+    let late: Vec<usize> = acked
+        .iter()
+        .map(|a| {
+            let late = Duration::from_secs(8)..Duration::from_millis(15_500);
+            a.1.iter().filter(|t| late.contains(*t)).count()
+        })
+        .collect();
+    let avg = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+    eprintln!(
+        "fairness: {blasted} blasted events, acks per acked client {counts:?} (avg {avg:.0}), in the second half {late:?}; {lines} lines read"
+    );
+    assert!(
+        counts.iter().all(|&n| n as f64 >= avg / 10.0),
+        "an acked client got less than a tenth of the average: {counts:?}"
+    );
+    assert!(
+        late.iter().all(|&n| n > 0),
+        "an acked client stopped getting acks: {late:?}"
+    );
+    assert_eq!(lines, blasted + sent, "every event, once");
+    for (a, mut got) in seqs.into_iter().enumerate() {
+        got.sort_unstable();
+        let want: Vec<u32> = (0..acked[a].0 as u32).collect();
+        assert_eq!(got, want, "acked client {a}: every event once");
+    }
+    s.assert_healthy();
+}
