@@ -229,6 +229,64 @@ fn check_json_lines(out: &[u8]) {
     }
 }
 
+/// Fuzz target body: inflating any bytes (gzip or zstd, chosen by the first byte) never
+/// panics, never gives more than the limit, and gives what a plain reader of the same
+/// stream gives.
+pub fn fuzz_inflate(data: &[u8]) {
+    use crate::decode::Codec;
+    use crate::decode::forward::inflate;
+    use std::io::Read;
+    let Some((&which, body)) = data.split_first() else {
+        return;
+    };
+    let codec = if which & 1 == 0 {
+        Codec::Gzip
+    } else {
+        Codec::Zstd
+    };
+    const MAX: usize = 1 << 20;
+    let mut out = Vec::new();
+    let ours = inflate(codec, body, &mut out, MAX);
+    assert!(
+        out.capacity() <= 2 * MAX + (64 << 10),
+        "grew to {}",
+        out.capacity()
+    );
+    let mut reference = Vec::new();
+    let theirs = match codec {
+        Codec::Gzip => flate2::read::MultiGzDecoder::new(body)
+            .take(MAX as u64 + 1)
+            .read_to_end(&mut reference),
+        Codec::Zstd => zstd::stream::read::Decoder::with_buffer(body).and_then(|mut d| {
+            d.window_log_max(21)?;
+            d.take(MAX as u64 + 1).read_to_end(&mut reference)
+        }),
+    };
+    match (ours, theirs) {
+        (Ok(()), Ok(_)) => assert_eq!(out, reference),
+        (Err(DecodeError::DecompressedTooLarge(_)), Ok(_)) => assert!(reference.len() > MAX),
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("inflate gave {a:?}, a plain reader {b:?}"),
+    }
+}
+
+/// Fuzz target body: a tag pattern (up to the first newline) and a tag. Compiling never
+/// panics, and the router (with its cache) agrees with the pattern on whether it matches.
+pub fn fuzz_route(data: &[u8]) {
+    use crate::route::{Pattern, Router};
+    let text = String::from_utf8_lossy(data);
+    let (pat, tag) = text.split_once('\n').unwrap_or((&text, ""));
+    if pat.len() > 256 || Pattern::check(pat).is_err() {
+        return;
+    }
+    let p = Pattern::new(pat);
+    let matched = p.matches(tag);
+    let mut router = Router::new(vec![vec![Pattern::new(pat)]]);
+    for _ in 0..2 {
+        assert_eq!(router.route(tag) == Some(0), matched, "{pat:?} on {tag:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,63 +400,5 @@ mod tests {
             ]
         );
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
-    }
-}
-
-/// Fuzz target body: inflating any bytes (gzip or zstd, chosen by the first byte) never
-/// panics, never gives more than the limit, and gives what a plain reader of the same
-/// stream gives.
-pub fn fuzz_inflate(data: &[u8]) {
-    use crate::decode::Codec;
-    use crate::decode::forward::inflate;
-    use std::io::Read;
-    let Some((&which, body)) = data.split_first() else {
-        return;
-    };
-    let codec = if which & 1 == 0 {
-        Codec::Gzip
-    } else {
-        Codec::Zstd
-    };
-    const MAX: usize = 1 << 20;
-    let mut out = Vec::new();
-    let ours = inflate(codec, body, &mut out, MAX);
-    assert!(
-        out.capacity() <= 2 * MAX + (64 << 10),
-        "grew to {}",
-        out.capacity()
-    );
-    let mut reference = Vec::new();
-    let theirs = match codec {
-        Codec::Gzip => flate2::read::MultiGzDecoder::new(body)
-            .take(MAX as u64 + 1)
-            .read_to_end(&mut reference),
-        Codec::Zstd => zstd::stream::read::Decoder::with_buffer(body).and_then(|mut d| {
-            d.window_log_max(21)?;
-            d.take(MAX as u64 + 1).read_to_end(&mut reference)
-        }),
-    };
-    match (ours, theirs) {
-        (Ok(()), Ok(_)) => assert_eq!(out, reference),
-        (Err(DecodeError::DecompressedTooLarge(_)), Ok(_)) => assert!(reference.len() > MAX),
-        (Err(_), Err(_)) => {}
-        (a, b) => panic!("inflate gave {a:?}, a plain reader {b:?}"),
-    }
-}
-
-/// Fuzz target body: a tag pattern (up to the first newline) and a tag. Compiling never
-/// panics, and the router (with its cache) agrees with the pattern on whether it matches.
-pub fn fuzz_route(data: &[u8]) {
-    use crate::route::{Pattern, Router};
-    let text = String::from_utf8_lossy(data);
-    let (pat, tag) = text.split_once('\n').unwrap_or((&text, ""));
-    if pat.len() > 256 || Pattern::check(pat).is_err() {
-        return;
-    }
-    let p = Pattern::new(pat);
-    let matched = p.matches(tag);
-    let mut router = Router::new(vec![vec![Pattern::new(pat)]]);
-    for _ in 0..2 {
-        assert_eq!(router.route(tag) == Some(0), matched, "{pat:?} on {tag:?}");
     }
 }
