@@ -305,22 +305,35 @@ pub enum Progress {
 
 /// A connection's protocol side, as the I/O loops drive it.
 pub trait Conn {
+    /// The connection's read buffer.
+    fn buf(&self) -> &ReadBuf;
+    fn buf_mut(&mut self) -> &mut ReadBuf;
     /// Where the next read goes.
     fn read_buf(&mut self) -> &mut [u8];
     /// `n` bytes were read into [`Conn::read_buf`].
-    fn filled(&mut self, n: usize);
+    fn filled(&mut self, n: usize) {
+        self.buf_mut().filled(n);
+    }
     /// Decodes buffered input and hands its events to the shard.
     fn process(&mut self, shard: &mut Shard) -> Progress;
     /// The peer closed its side: deal with whatever is left.
     fn finish(&mut self, shard: &mut Shard);
-    /// Nothing to read for now: give back memory a large frame or line made it take.
-    fn idle(&mut self);
+    /// Nothing to read for now: give the buffer back if it is empty.
+    fn idle(&mut self) {
+        self.buf_mut().shrink();
+    }
     /// Bytes its buffers hold.
-    fn held(&self) -> usize;
+    fn held(&self) -> usize {
+        self.buf().held()
+    }
     /// Unread bytes (an unfinished frame or line), and bytes consumed in all.
-    fn unread(&self) -> (usize, u64);
+    fn unread(&self) -> (usize, u64) {
+        (self.buf().data().len(), self.buf().taken())
+    }
     /// Closing: drop unread input and give its memory back.
-    fn discard(&mut self);
+    fn discard(&mut self) {
+        self.buf_mut().discard();
+    }
     /// The connection is going away with input still unprocessed (shutdown, or a failed
     /// write): let go of anything held for it.
     fn abandon(&mut self, shard: &mut Shard);
@@ -452,16 +465,20 @@ impl ForwardConn {
 }
 
 impl Conn for ForwardConn {
+    fn buf(&self) -> &ReadBuf {
+        &self.rb
+    }
+
+    fn buf_mut(&mut self) -> &mut ReadBuf {
+        &mut self.rb
+    }
+
     /// Room for the rest of the frame, but growing at most as fast as bytes arrive: a
     /// peer that declares a large frame and stops sending gets no large buffer.
     fn read_buf(&mut self) -> &mut [u8] {
         let have = self.rb.data().len();
         let missing = self.need.saturating_sub(have).max(1);
         self.rb.spare(missing.min(have.max(READ_CHUNK)))
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.rb.filled(n);
     }
 
     fn process(&mut self, shard: &mut Shard) -> Progress {
@@ -559,18 +576,6 @@ impl Conn for ForwardConn {
         }
     }
 
-    fn held(&self) -> usize {
-        self.rb.held()
-    }
-
-    fn unread(&self) -> (usize, u64) {
-        (self.rb.data().len(), self.rb.taken())
-    }
-
-    fn discard(&mut self) {
-        self.rb.discard();
-    }
-
     /// Bytes left over are a frame cut short.
     fn finish(&mut self, shard: &mut Shard) {
         if !self.rb.data().is_empty() {
@@ -581,10 +586,6 @@ impl Conn for ForwardConn {
             );
             self.rb.consume(self.rb.data().len());
         }
-    }
-
-    fn idle(&mut self) {
-        self.rb.shrink();
     }
 
     fn link(&self) -> &Rc<Link> {
@@ -638,12 +639,16 @@ impl JsonConn {
 }
 
 impl Conn for JsonConn {
-    fn read_buf(&mut self) -> &mut [u8] {
-        self.rb.spare(READ_CHUNK)
+    fn buf(&self) -> &ReadBuf {
+        &self.rb
     }
 
-    fn filled(&mut self, n: usize) {
-        self.rb.filled(n);
+    fn buf_mut(&mut self) -> &mut ReadBuf {
+        &mut self.rb
+    }
+
+    fn read_buf(&mut self) -> &mut [u8] {
+        self.rb.spare(READ_CHUNK)
     }
 
     /// Events are stamped with the time they are processed. With a write-ahead log, the
@@ -720,22 +725,6 @@ impl Conn for JsonConn {
             shard.end_lines(ticket);
             self.rb.consume(len);
         }
-    }
-
-    fn idle(&mut self) {
-        self.rb.shrink();
-    }
-
-    fn held(&self) -> usize {
-        self.rb.held()
-    }
-
-    fn unread(&self) -> (usize, u64) {
-        (self.rb.data().len(), self.rb.taken())
-    }
-
-    fn discard(&mut self) {
-        self.rb.discard();
     }
 
     /// Lines are ingested whole or not at all: nothing is held.

@@ -21,3 +21,5 @@ else
     exit 1
 fi
 tests/deploy.sh
+# Every fuzz target for 30 s over its seeds and corpus (FUZZING.md runs them longer).
+tests/fuzz.sh

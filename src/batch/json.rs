@@ -180,14 +180,20 @@ impl Rfc3339 {
     pub const LEN: u32 = 30;
 
     /// Writes `2024-05-01T12:34:56.123456789Z` (without quotes).
+    /// Times before the epoch are written as the epoch, and times past year 9999 as its
+    /// last nanosecond.
     pub fn write(&mut self, out: &mut Vec<u8>, t: EventTime) {
-        let secs = t.secs.clamp(0, MAX_SECS);
+        let (secs, nanos) = match t.secs {
+            s if s < 0 => (0, 0),
+            s if s > MAX_SECS => (MAX_SECS, 999_999_999),
+            s => (s, t.nanos),
+        };
         if self.secs != Some(secs) {
             self.prefix = civil(secs);
             self.secs = Some(secs);
         }
         out.extend_from_slice(&self.prefix);
-        write_nanos(out, t.nanos);
+        write_nanos(out, nanos);
         out.push(b'Z');
     }
 }
@@ -229,6 +235,32 @@ mod tests {
         let mut out = vec![];
         write_str(&mut out, input);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn times_out_of_range_are_clamped_whole() {
+        let mut f = Rfc3339::default();
+        let mut out = vec![];
+        // -0.5 s: half a second before the epoch.
+        f.write(
+            &mut out,
+            EventTime {
+                secs: -1,
+                nanos: 500_000_000,
+            },
+        );
+        out.push(b' ');
+        f.write(
+            &mut out,
+            EventTime {
+                secs: MAX_SECS + 1,
+                nanos: 5,
+            },
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1970-01-01T00:00:00.000000000Z 9999-12-31T23:59:59.999999999Z"
+        );
     }
 
     #[test]

@@ -189,6 +189,10 @@ pub fn scan(buf: &[u8], at: usize) -> Scanned<'_> {
     let (Some(kind), name_len) = (Kind::of(e[12]), e[HEADER] as usize) else {
         return damaged("unknown kind");
     };
+    // Written as zeros: anything else was never written by us.
+    if e[13..16] != [0, 0, 0] {
+        return damaged("reserved bytes set");
+    }
     let body = &e[HEADER + 1..];
     let (Some(name), Some(payload)) = (body.get(..name_len), body.get(name_len..)) else {
         return damaged("bad input name");
