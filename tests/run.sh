@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as a new user (and CI) runs it: install what the tests need,
 # run every unit, property and integration test, run the integration suite once more
-# where io_uring is refused, and check the deployment templates offline.
+# where io_uring is refused, check the deployment templates offline, and give every fuzz
+# target a short run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh
