@@ -15,7 +15,7 @@ use crate::config::{Config, InputKind};
 use crate::decode::forward::{Decoded, Decoder, Event, Scratch};
 use crate::decode::http::{Ingest, Payload, msgpack_records};
 use crate::decode::jsonl::{Framed, JsonParser, Lines, field_str};
-use crate::decode::{DecodeError, EventTime};
+use crate::decode::{Codec, DecodeError, EventTime};
 use crate::limits::{JSON_PADDING, READ_CHUNK};
 use crate::shard::{Ingested, Shard};
 use crate::wal::entry::{self, Scanned};
@@ -602,7 +602,10 @@ impl Conn for ForwardConn {
 fn refuse(e: DecodeError, short: bool, fs: &mut FrameScratch) -> Progress {
     fs.trim(0);
     match e {
-        DecodeError::DecompressedTooLarge(_) if short => Progress::Memory,
+        // zstd refuses a window larger than the room, too.
+        DecodeError::DecompressedTooLarge(_) | DecodeError::Decompress(Codec::Zstd) if short => {
+            Progress::Memory
+        }
         e => Progress::Close(e),
     }
 }

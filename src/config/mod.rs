@@ -806,6 +806,10 @@ fn timeout(
 /// chunks of a few MB. Lower where half of `memory_limit` is smaller.
 const DEFAULT_MAX_FRAME: u64 = 8 << 20;
 const DEFAULT_MAX_DECOMPRESSED: u64 = 16 << 20;
+/// Enough for 16 MiB of the smallest real events (a few fields, ~16 B each inflated), so
+/// that no client's chunk is refused; a frame of empty events and 1 KiB tags then makes at
+/// most about 1 GiB of output, written as the sinks take it (a frame pauses half-way).
+const DEFAULT_MAX_EVENTS: u64 = 1_000_000;
 
 /// Enough for full speed on two cores with 200 B events (README, "Memory").
 pub const DEFAULT_MEMORY_LIMIT: u64 = 32 << 20;
@@ -945,7 +949,10 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                             (None, Some(_)) => AckPolicy::Durable,
                             (None, None) => AckPolicy::Delivered,
                         },
-                        max_events_per_frame: match f.max_events_per_frame.unwrap_or(100_000) {
+                        max_events_per_frame: match f
+                            .max_events_per_frame
+                            .unwrap_or(DEFAULT_MAX_EVENTS)
+                        {
                             0 => {
                                 return Err(err(
                                     format!("{key}.max_events_per_frame"),

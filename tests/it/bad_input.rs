@@ -19,6 +19,7 @@ stats_interval = "1s"
 type = "forward"
 address = "127.0.0.1:0"
 max_frame_bytes = "1MiB"
+max_events_per_frame = 100000
 
 [inputs.json]
 type = "json_lines"
@@ -56,7 +57,7 @@ fn broken_frames() -> Vec<(&'static str, Vec<u8>)> {
     let mut too_large = vec![0x92, 0xa1, b't', 0xc6];
     too_large.extend((64u32 << 20).to_be_bytes());
 
-    // 100,001 empty events in 300 KB: past max_events_per_frame's default.
+    // 100,001 empty events in 300 KB: past this config's max_events_per_frame.
     let mut many = vec![0x92, 0xa1, b't'];
     rmp::encode::write_bin(&mut many, &[0x92, 0x01, 0x80].repeat(100_001)).unwrap();
 
