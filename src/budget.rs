@@ -101,10 +101,6 @@ impl Budget {
             .saturating_sub(self.peers.load(Ordering::Relaxed))
     }
 
-    pub fn peer_limit(&self) -> usize {
-        self.peer_limit
-    }
-
     pub fn peers_held(&self) -> usize {
         self.peers.load(Ordering::Relaxed)
     }
