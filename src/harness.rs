@@ -437,6 +437,58 @@ fn kpl_records(agg: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(data)
 }
 
+/// Fuzz target body: config validation never panics or touches the machine, and what it
+/// accepts the engine can build: routes and fallbacks name sinks that exist, patterns
+/// compile, what connections may hold fits in their share of the budget, and each route's
+/// shape writes valid JSON.
+pub fn fuzz_config(data: &[u8]) {
+    use crate::config::{Config, Host, InputKind};
+    use crate::route::{Pattern, Router};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = Config::parse_on(text, &Host::PURE) else {
+        return;
+    };
+    let share = config.engine.memory_limit / crate::budget::PEER_SHARE;
+    for input in &config.inputs {
+        let held = match input.kind {
+            InputKind::Forward {
+                max_frame_bytes,
+                max_decompressed_bytes,
+                ..
+            } => max_frame_bytes.max(max_decompressed_bytes),
+            InputKind::JsonLines { max_line_bytes, .. } => max_line_bytes,
+            InputKind::Http { .. } => 0,
+        };
+        assert!(held <= share, "{}: {held} > {share}", input.name);
+    }
+    let n = config.sinks.len();
+    for (i, s) in config.sinks.iter().enumerate() {
+        assert!(s.fallback.is_none_or(|f| f < n && f != i), "{}", s.name);
+        assert!(s.batch.max_bytes > 0, "{}", s.name);
+    }
+    let mut router = Router::new(
+        config
+            .routes
+            .iter()
+            .map(|r| r.patterns.iter().map(|p| Pattern::new(p)).collect())
+            .collect(),
+    );
+    router.route("a.b");
+    // {"log": "x"}
+    let record = [0x81, 0xa3, b'l', b'o', b'g', 0xa1, b'x'];
+    for r in &config.routes {
+        assert!(!r.sinks.is_empty() && r.sinks.iter().all(|&s| s < n));
+        if r.shape.format == Format::Json {
+            let mut out = Vec::new();
+            let time = crate::decode::EventTime::default();
+            Shape::new(&r.shape).encode_msgpack(&mut out, "a.b", time, &record);
+            check_json_lines(&out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +623,16 @@ mod tests {
         assert!(wal.len() >= 2);
         for (_, data) in wal {
             fuzz_wal(&data);
+        }
+        // Every config seed is valid, so the target starts from configs that build.
+        let configs = files("seeds", "config");
+        assert!(configs.len() >= 5);
+        for (name, data) in configs {
+            let text = std::str::from_utf8(&data).unwrap();
+            if let Err(e) = crate::config::Config::parse_on(text, &crate::config::Host::PURE) {
+                panic!("seed {name}: {e}");
+            }
+            fuzz_config(&data);
         }
         let bad = files("seeds", "json_lines")
             .into_iter()

@@ -30,9 +30,10 @@ for t in $(cargo fuzz list); do
   done
   [ ${#dirs[@]} -gt 0 ] || { echo "fuzz: $t has no seeds or corpus" >&2; exit 1; }
   mkdir -p "$scratch/$t"
+  opts=(-max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1)
+  [ -f "dicts/$t.dict" ] && opts+=(-dict="dicts/$t.dict")
   echo "fuzz: $t for ${secs}s"
-  if ! cargo fuzz run "$t" "$scratch/$t" "${dirs[@]}" -- \
-    -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 >"$scratch/$t.log" 2>&1; then
+  if ! cargo fuzz run "$t" "$scratch/$t" "${dirs[@]}" -- "${opts[@]}" >"$scratch/$t.log" 2>&1; then
     tail -60 "$scratch/$t.log" >&2
     echo "fuzz: $t failed; the crash input is under fuzz/artifacts/$t" >&2
     exit 1

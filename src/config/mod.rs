@@ -478,9 +478,14 @@ pub struct Route {
 impl Config {
     /// Parses and validates a config file's text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_on(text, &Host::SYSTEM)
+    }
+
+    /// Parses and validates, asking `host` what validation needs of the machine.
+    pub fn parse_on(text: &str, host: &Host) -> Result<Config, ConfigError> {
         let file: FileConfig = toml::from_str(text)
             .map_err(|e| err("config", e.to_string().trim_end().to_string()))?;
-        validate(file)
+        validate(file, host)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -493,6 +498,26 @@ impl Config {
     pub fn default_config() -> Config {
         Config::parse(DEFAULT_CONFIG).expect("the embedded default config is valid")
     }
+}
+
+/// What validation asks of the machine: resolving listen addresses, and whether the
+/// directories it will write are writable. [`Host::PURE`] asks nothing, for the fuzz target.
+#[derive(Clone, Copy)]
+pub struct Host {
+    resolve: fn(&str) -> Option<SocketAddr>,
+    writable: fn(&Path) -> Result<(), String>,
+}
+
+impl Host {
+    pub const SYSTEM: Host = Host {
+        resolve: |s| s.to_socket_addrs().ok()?.next(),
+        writable: writable_dir,
+    };
+    /// Numeric addresses only, and every directory writable.
+    pub const PURE: Host = Host {
+        resolve: |s| s.parse().ok(),
+        writable: |_| Ok(()),
+    };
 }
 
 const SINK_TYPES: &str = "\"stdout\", \"file\", \"null\", \"kinesis\" and \"firehose\"";
@@ -744,17 +769,19 @@ fn take_type(key: &str, table: &mut toml::Table) -> Result<String, ConfigError> 
     }
 }
 
-fn address(key: &str, s: Option<String>, port: u16) -> Result<SocketAddr, ConfigError> {
+fn address(
+    host: &Host,
+    key: &str,
+    s: Option<String>,
+    port: u16,
+) -> Result<SocketAddr, ConfigError> {
     let s = s.unwrap_or_else(|| format!("0.0.0.0:{port}"));
-    s.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            err(
-                format!("{key}.address"),
-                format!("{s:?} is not a host:port address"),
-            )
-        })
+    (host.resolve)(&s).ok_or_else(|| {
+        err(
+            format!("{key}.address"),
+            format!("{s:?} is not a host:port address"),
+        )
+    })
 }
 
 fn bounded(
@@ -814,7 +841,7 @@ const DEFAULT_MAX_EVENTS: u64 = 1_000_000;
 /// Enough for full speed on two cores with 200 B events (README, "Memory").
 pub const DEFAULT_MEMORY_LIMIT: u64 = 32 << 20;
 
-fn validate(file: FileConfig) -> Result<Config, ConfigError> {
+fn validate(file: FileConfig, host: &Host) -> Result<Config, ConfigError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let e = file.engine;
     let workers = e.workers.unwrap_or(cores);
@@ -872,7 +899,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
     let wal = match file.wal {
         None => None,
         Some(w) => {
-            writable_dir(&w.dir.join("core-0")).map_err(|e| err("wal.dir", e))?;
+            (host.writable)(&w.dir.join("core-0")).map_err(|e| err("wal.dir", e))?;
             let sync_interval = w.sync_interval.map_or(Duration::from_millis(20), |d| d.0);
             if sync_interval.is_zero() || sync_interval > Duration::from_secs(10) {
                 return Err(err(
@@ -925,7 +952,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                     read,
                 )?;
                 Input {
-                    address: address(&key, f.address, crate::limits::FORWARD_PORT)?,
+                    address: address(host, &key, f.address, crate::limits::FORWARD_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     idle_timeout: timeout(&key, "idle_timeout", f.idle_timeout, DEFAULT_IDLE)?,
                     frame_timeout: timeout(&key, "frame_timeout", f.frame_timeout, DEFAULT_FRAME)?,
@@ -982,7 +1009,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                     ));
                 }
                 Input {
-                    address: address(&key, f.address, crate::limits::JSON_LINES_PORT)?,
+                    address: address(host, &key, f.address, crate::limits::JSON_LINES_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     idle_timeout: timeout(&key, "idle_timeout", f.idle_timeout, DEFAULT_IDLE)?,
                     frame_timeout: timeout(&key, "frame_timeout", f.frame_timeout, DEFAULT_FRAME)?,
@@ -1004,7 +1031,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
             "http" => {
                 let f: HttpFile = typed(&key, table)?;
                 Input {
-                    address: address(&key, f.address, crate::limits::HTTP_PORT)?,
+                    address: address(host, &key, f.address, crate::limits::HTTP_PORT)?,
                     max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     // Not used: hyper bounds a request head by its header_read_timeout.
                     idle_timeout: DEFAULT_IDLE,
@@ -1082,7 +1109,7 @@ fn validate(file: FileConfig) -> Result<Config, ConfigError> {
                 if let Some(Size(0)) = f.rotate_bytes {
                     return Err(err(format!("{key}.rotate_bytes"), "must be more than zero"));
                 }
-                writable_dir(&f.path).map_err(|e| err(format!("{key}.path"), e))?;
+                (host.writable)(&f.path).map_err(|e| err(format!("{key}.path"), e))?;
                 let kind = SinkKind::File {
                     path: f.path,
                     rotate_bytes: f.rotate_bytes.map(|s| s.0),
@@ -1325,6 +1352,18 @@ sinks = "out"
         let c = Config::default_config();
         let ports: Vec<u16> = c.inputs.iter().map(|i| i.address.port()).collect();
         assert_eq!(ports, [24224, 9880, 5170], "forward, http, json");
+    }
+
+    /// The pure host resolves no names and checks no directories; the system's does both.
+    #[test]
+    fn the_pure_host_asks_nothing_of_the_machine() {
+        let named = MIN.replace("127.0.0.1:0", "localhost:0");
+        assert!(Config::parse(&named).is_ok());
+        let e = Config::parse_on(&named, &Host::PURE).unwrap_err();
+        assert_eq!(e.key, "inputs.fwd.address");
+        let unwritable = format!("{MIN}[wal]\ndir = \"/etc/hostname/wal\"\n");
+        assert_eq!(Config::parse(&unwritable).unwrap_err().key, "wal.dir");
+        assert!(Config::parse_on(&unwritable, &Host::PURE).is_ok());
     }
 
     #[test]
