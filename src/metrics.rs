@@ -47,6 +47,8 @@ counters!(
         events_unmatched,
         /// Events of `format = "text"` routes without their `log_key` field.
         missing_log_key,
+        /// Ext values in records (other than EventTime) written as JSON `null`.
+        ext_values_nulled,
         connections_opened,
         connections_closed,
         /// Connections closed at once because the input was at `max_connections`.
@@ -271,6 +273,7 @@ fn core_help(field: &str) -> &'static str {
         "frames_in" => "Forward frames read",
         "events_unmatched" => "Events no route matched",
         "missing_log_key" => "Events of text routes without their log_key field",
+        "ext_values_nulled" => "Ext values in records, other than EventTime, written as JSON null",
         "connections_opened" => "Connections accepted",
         "connections_closed" => "Connections ended",
         "connections_refused" => "Connections refused at max_connections",

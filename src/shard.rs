@@ -931,6 +931,9 @@ impl Shard {
             counters.connections_opened += i.connections_opened;
             counters.connections_closed += i.connections_closed;
         }
+        for r in &self.routes {
+            counters.ext_values_nulled += r.shape.nulled();
+        }
         for b in &self.batchers {
             counters.events_oversize += b.counts.oversize;
             counters.partition_key_missing += b.counts.key_missing;

@@ -127,6 +127,8 @@ pub struct Shape {
     add_msgpack: Box<[u8]>,
     add_count: u32,
     rfc3339: Rfc3339,
+    /// Ext values other than EventTime written as JSON `null` (they have no JSON meaning).
+    nulled: u64,
 }
 
 impl Shape {
@@ -177,7 +179,13 @@ impl Shape {
             add_msgpack: add_msgpack.into_boxed_slice(),
             add_count: c.add_fields.len() as u32,
             rfc3339: Rfc3339::default(),
+            nulled: 0,
         }
+    }
+
+    /// Ext values (other than EventTime) this shape has written as `null`.
+    pub fn nulled(&self) -> u64 {
+        self.nulled
     }
 
     #[inline]
@@ -379,12 +387,12 @@ impl Shape {
                     if !first {
                         out.push(b',');
                     }
-                    write_key_json(out, &mut r, false)?;
+                    write_key_json(out, &mut r, false, &mut self.nulled)?;
                 }
             }
             first = false;
             out.push(b':');
-            transcode(out, &mut r, 0, false)?;
+            transcode(out, &mut r, 0, false, &mut self.nulled)?;
         }
         self.json_close(out, first);
         Ok(Encoded::Written)
@@ -454,7 +462,7 @@ impl Shape {
                 Head::Str(len) | Head::Bin(len) => write_line(out, r.take(len as usize)?),
                 head => {
                     // Not text: write the value as JSON instead.
-                    transcode_head(out, &mut r, head, 0, false)?;
+                    transcode_head(out, &mut r, head, 0, false, &mut self.nulled)?;
                     out.push(b'\n');
                 }
             }
@@ -493,7 +501,12 @@ fn write_msgpack_str(out: &mut Vec<u8>, s: &[u8]) {
 /// key (`in_key`), an array, map or ext key is written as a placeholder instead: each level
 /// of stringifying escapes the level below again, so rendering them all would double the
 /// output per level (a fuzzed 200-byte record once asked for gigabytes).
-fn write_key_json(out: &mut Vec<u8>, r: &mut Reader<'_>, in_key: bool) -> Result<(), Malformed> {
+fn write_key_json(
+    out: &mut Vec<u8>,
+    r: &mut Reader<'_>,
+    in_key: bool,
+    nulled: &mut u64,
+) -> Result<(), Malformed> {
     match r.head()? {
         Head::Bin(len) => json::write_str(out, r.take(len as usize)?),
         Head::Uint(v) => {
@@ -519,7 +532,7 @@ fn write_key_json(out: &mut Vec<u8>, r: &mut Reader<'_>, in_key: bool) -> Result
         head => {
             // Floats, arrays, maps and ext values as keys are rare enough to render apart.
             let mut tmp = vec![];
-            transcode_head(&mut tmp, r, head, 0, true)?;
+            transcode_head(&mut tmp, r, head, 0, true, nulled)?;
             json::write_str(out, &tmp);
         }
     }
@@ -538,20 +551,22 @@ fn skip_rest(r: &mut Reader<'_>, head: Head) -> Result<(), Malformed> {
 }
 
 /// Transcodes one msgpack value to JSON, advancing `r` past it. `in_key`: the value is
-/// being rendered as a map key (see [`write_key_json`]).
+/// being rendered as a map key (see [`write_key_json`]); `nulled` counts ext values
+/// written as `null`.
 #[inline]
 fn transcode(
     out: &mut Vec<u8>,
     r: &mut Reader<'_>,
     depth: usize,
     in_key: bool,
+    nulled: &mut u64,
 ) -> Result<(), Malformed> {
     if let Some(s) = r.str() {
         json::write_str(out, s);
         return Ok(());
     }
     let head = r.head()?;
-    transcode_head(out, r, head, depth, in_key)
+    transcode_head(out, r, head, depth, in_key, nulled)
 }
 
 /// Transcodes the value whose head was just read. Depth was bounded by the decoder; the
@@ -562,6 +577,7 @@ fn transcode_head(
     head: Head,
     depth: usize,
     in_key: bool,
+    nulled: &mut u64,
 ) -> Result<(), Malformed> {
     if depth > crate::limits::MAX_DEPTH {
         return Err(Malformed);
@@ -580,7 +596,7 @@ fn transcode_head(
                 if i > 0 {
                     out.push(b',');
                 }
-                transcode(out, r, depth + 1, in_key)?;
+                transcode(out, r, depth + 1, in_key, nulled)?;
             }
             out.push(b']');
         }
@@ -592,10 +608,10 @@ fn transcode_head(
                 }
                 match r.str() {
                     Some(key) => json::write_str(out, key),
-                    None => write_key_json(out, r, in_key)?,
+                    None => write_key_json(out, r, in_key, nulled)?,
                 }
                 out.push(b':');
-                transcode(out, r, depth + 1, in_key)?;
+                transcode(out, r, depth + 1, in_key, nulled)?;
             }
             out.push(b'}');
         }
@@ -613,6 +629,7 @@ fn transcode_head(
                 );
             } else {
                 // Other ext types have no JSON meaning.
+                *nulled += 1;
                 out.extend_from_slice(b"null");
             }
         }
@@ -729,6 +746,22 @@ mod tests {
             out,
             "{\"1\":\"a\",\"null\":\"b\",\"[1,2]\":\"c\",\"{\\\"k\\\":{\\\"<array>\\\":4}}\":\"d\"}\n"
         );
+    }
+
+    /// An EventTime inside a record is a time; any other ext is `null`, and counted.
+    #[test]
+    fn ext_values_other_than_event_time_are_nulled_and_counted() {
+        // {"t": EventTime(1, 500000000), "x": fixext1(type 5), "k": [fixext2(type 9)]}
+        let rec = [
+            0x83, 0xa1, b't', 0xd7, 0x00, 0, 0, 0, 1, 0x1d, 0xcd, 0x65, 0x00, 0xa1, b'x', 0xd4,
+            0x05, 0xaa, 0xa1, b'k', 0x91, 0xd5, 0x09, 0x01, 0x02,
+        ];
+        let mut shape = Shape::new(&ShapeConfig::default());
+        let mut out = vec![];
+        shape.encode_msgpack(&mut out, "t", EventTime::default(), &rec);
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(line, "{\"t\":1.500000000,\"x\":null,\"k\":[null]}\n");
+        assert_eq!(shape.nulled(), 2);
     }
 
     #[test]
