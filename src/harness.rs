@@ -551,15 +551,22 @@ mod tests {
             .collect()
     }
 
+    /// The seed `name` of `target`.
+    fn seed(target: &str, name: &str) -> Vec<u8> {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/seeds")
+                .join(target)
+                .join(name),
+        )
+        .unwrap_or_else(|e| panic!("seed {target}/{name}: {e}"))
+    }
+
     /// Found by the `wal` target: an entry with its reserved header bytes set and a
     /// checksum to match was read as sound, and did not encode back to its bytes.
     #[test]
     fn regression_wal_entry_with_reserved_bytes_set_is_damage() {
-        let data = files("seeds", "wal")
-            .into_iter()
-            .find(|(n, _)| n == "reserved_bytes_set")
-            .unwrap()
-            .1;
+        let data = seed("wal", "reserved_bytes_set");
         fuzz_wal(&data);
         let (entries, damage) = crate::wal::entry::read_all(&data);
         assert_eq!(&data[11..15], b"SLW1");
@@ -574,11 +581,7 @@ mod tests {
     /// segment from each (see `wal::entry`'s regression test of the work).
     #[test]
     fn regression_wal_exponential_resync() {
-        let data = files("seeds", "wal")
-            .into_iter()
-            .find(|(n, _)| n == "exponential_resync")
-            .unwrap()
-            .1;
+        let data = seed("wal", "exponential_resync");
         fuzz_wal(&data);
     }
 
@@ -586,11 +589,7 @@ mod tests {
     /// record of its own, must read back as itself (its MD5 does not match).
     #[test]
     fn regression_plain_record_beginning_with_the_kpl_magic() {
-        let data = files("seeds", "records")
-            .into_iter()
-            .find(|(n, _)| n == "plain_event_with_kpl_magic")
-            .unwrap()
-            .1;
+        let data = seed("records", "plain_event_with_kpl_magic");
         assert_eq!(data[2..6], crate::batch::records::KPL_MAGIC);
         fuzz_records(&data);
     }
@@ -654,11 +653,7 @@ mod tests {
                 panic!("seed {name}: {e}");
             }
         }
-        let bad = files("seeds", "json_lines")
-            .into_iter()
-            .find(|(n, _)| n == "bad_lines")
-            .unwrap();
-        let (out, errors) = json_lines_stream(&bad.1, 4096);
+        let (out, errors) = json_lines_stream(&seed("json_lines", "bad_lines"), 4096);
         assert_eq!(
             errors,
             [
