@@ -11,7 +11,9 @@
 //! acked `durable` is acked when its entry's group commit ends, usually long before.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
+use crate::budget::Budget;
 use crate::conn::Link;
 use crate::wal::SegId;
 
@@ -29,8 +31,10 @@ struct Slot {
     bytes: usize,
     /// The journal entry's segment, if the input was journaled.
     seg: Option<SegId>,
-    /// Told apart from the slot's earlier and later chunks, for a durable ack.
+    /// Told apart from every earlier and later chunk, for a durable ack.
     generation: u32,
+    /// What this chunk is charged to the budget: its slot and its id's buffer.
+    charged: usize,
 }
 
 /// What settling a ticket did.
@@ -42,14 +46,29 @@ pub struct Settled {
     pub seg: Option<SegId>,
 }
 
-/// One core's outstanding chunks.
-#[derive(Default)]
+/// One core's outstanding chunks. Each waiting chunk is charged to the memory budget, so
+/// a flood of tiny frames with long chunk ids stops being read like any other load,
+/// instead of growing the ledger past the budget.
 pub struct AckLedger {
     slots: Vec<Slot>,
     free: Vec<Ticket>,
+    budget: Arc<Budget>,
+    generation: u32,
 }
 
+/// Slots kept when the ledger empties; a larger ledger is given back then.
+const KEEP_SLOTS: usize = 4096;
+
 impl AckLedger {
+    pub fn new(budget: Arc<Budget>) -> Self {
+        AckLedger {
+            slots: Vec::new(),
+            free: Vec::new(),
+            budget,
+            generation: 0,
+        }
+    }
+
     /// Opens a ticket with the hold of the frame being ingested: for a chunk to ack on
     /// `link` (a frame of `bytes`), for a journal entry in `seg`, or both.
     pub fn open(
@@ -68,7 +87,8 @@ impl AckLedger {
         let slot = &mut self.slots[t as usize];
         slot.holds = 1;
         slot.seg = seg;
-        slot.generation = slot.generation.wrapping_add(1);
+        self.generation = self.generation.wrapping_add(1);
+        slot.generation = self.generation;
         slot.chunk.clear();
         slot.bytes = 0;
         if let Some((link, chunk)) = ack {
@@ -77,6 +97,8 @@ impl AckLedger {
             slot.bytes = bytes;
             link.chunk_opened(bytes);
         }
+        slot.charged = std::mem::size_of::<Slot>() + slot.chunk.capacity();
+        self.budget.adjust(0, slot.charged);
         t
     }
 
@@ -88,7 +110,10 @@ impl AckLedger {
     /// The chunk's journal entry is synced: ack it now, if it is still waiting. Returns
     /// whether an ack was queued.
     pub fn durable(&mut self, t: Ticket, generation: u32) -> bool {
-        let slot = &mut self.slots[t as usize];
+        // The ledger may have been given back since: the ticket is then gone.
+        let Some(slot) = self.slots.get_mut(t as usize) else {
+            return false;
+        };
         if slot.generation != generation {
             return false;
         }
@@ -119,11 +144,18 @@ impl AckLedger {
         if let Some(link) = &link {
             link.ack(&slot.chunk, slot.bytes);
         }
-        self.free.push(t);
-        Settled {
+        self.budget.adjust(std::mem::take(&mut slot.charged), 0);
+        let settled = Settled {
             acked: link.is_some(),
             seg: slot.seg.take(),
+        };
+        self.free.push(t);
+        if self.free.len() == self.slots.len() && self.slots.len() > KEEP_SLOTS {
+            // Empty after a burst: give the burst's slots and chunk buffers back.
+            self.slots = Vec::new();
+            self.free = Vec::new();
         }
+        settled
     }
 
     /// Gives up on a frame whose events will not all be ingested (its connection went
@@ -156,10 +188,43 @@ pub fn encode_ack(out: &mut Vec<u8>, chunk: &[u8]) {
 mod tests {
     use super::*;
 
+    /// Waiting chunks are charged to the budget (a full budget stops the reading), the
+    /// charge goes when they settle, and a burst's slots are given back once it is over.
+    #[test]
+    fn waiting_chunks_are_charged_to_the_budget() {
+        let budget = Budget::new(64 << 20, 1);
+        let mut l = AckLedger::new(budget.clone());
+        let link = Rc::new(Link::default());
+        let chunk = [b'c'; 100];
+        let n = 3 * KEEP_SLOTS;
+        let tickets: Vec<Ticket> = (0..n)
+            .map(|_| l.open(Some((&link, &chunk)), 118, None))
+            .collect();
+        let per = budget.used() / n;
+        assert!(
+            per >= std::mem::size_of::<Slot>() + 100,
+            "{per} bytes a chunk"
+        );
+        assert_eq!(budget.used(), n * per);
+        for t in &tickets[1..] {
+            l.release(*t);
+        }
+        assert_eq!(budget.used(), per);
+        assert_eq!(l.slots.len(), n, "kept while a chunk waits");
+        l.release(tickets[0]);
+        assert_eq!(budget.used(), 0);
+        assert_eq!((l.slots.capacity(), l.outstanding()), (0, 0));
+        assert_eq!(
+            link.pending_acks(),
+            n * (chunk.len() + 7),
+            "every chunk acked"
+        );
+    }
+
     #[test]
     fn acks_when_the_last_batch_settles() {
         let link = Rc::new(Link::default());
-        let mut l = AckLedger::default();
+        let mut l = AckLedger::new(Budget::unlimited());
         let t = l.open(Some((&link, b"c1")), 10, None);
         l.hold(t); // batch A
         l.hold(t); // batch B (fan-out or a seal mid-frame)
@@ -179,7 +244,7 @@ mod tests {
     #[test]
     fn an_abandoned_chunk_is_never_acked() {
         let link = Rc::new(Link::default());
-        let mut l = AckLedger::default();
+        let mut l = AckLedger::new(Budget::unlimited());
         let t = l.open(Some((&link, b"c")), 10, None);
         l.hold(t); // a batch took some of its events
         l.abandon(t); // the rest never will be
@@ -200,7 +265,7 @@ mod tests {
     #[test]
     fn a_chunk_that_reached_no_batch_acks_at_once() {
         let link = Rc::new(Link::default());
-        let mut l = AckLedger::default();
+        let mut l = AckLedger::new(Budget::unlimited());
         let t = l.open(Some((&link, b"x")), 10, None);
         assert!(l.release(t).acked);
         assert!(!link.take_acks().is_empty());
@@ -211,7 +276,7 @@ mod tests {
     #[test]
     fn a_durable_chunk_acks_at_its_commit_and_releases_its_entry_at_delivery() {
         let link = Rc::new(Link::default());
-        let mut l = AckLedger::default();
+        let mut l = AckLedger::new(Budget::unlimited());
         let t = l.open(Some((&link, b"c")), 100, Some(3));
         let g = l.generation(t);
         assert_eq!(link.unacked_bytes(), 100);
@@ -238,7 +303,7 @@ mod tests {
     #[test]
     fn an_abandoned_entry_stays_in_the_journal() {
         let link = Rc::new(Link::default());
-        let mut l = AckLedger::default();
+        let mut l = AckLedger::new(Budget::unlimited());
         let t = l.open(Some((&link, b"c")), 1, Some(1));
         l.hold(t);
         l.abandon(t);

@@ -191,7 +191,7 @@ impl Shard {
             done,
             key_fields,
             shard_feeds,
-            ledger: AckLedger::default(),
+            ledger: AckLedger::new(budget.clone()),
             counters: CoreCounters::default(),
             errors: [0; DecodeError::NAMES.len()],
             parked: Vec::new(),
