@@ -56,7 +56,7 @@ pub struct AckLedger {
     generation: u32,
 }
 
-/// Slots kept when the ledger empties; a larger ledger is given back then.
+/// A ledger with more slots than this is given back whole when it empties.
 const KEEP_SLOTS: usize = 4096;
 
 impl AckLedger {

@@ -443,7 +443,6 @@ fn kpl_records(agg: &[u8]) -> Option<Vec<Vec<u8>>> {
 /// shape writes valid JSON.
 pub fn fuzz_config(data: &[u8]) {
     use crate::config::{Config, Host, InputKind};
-    use crate::route::{Pattern, Router};
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -468,13 +467,7 @@ pub fn fuzz_config(data: &[u8]) {
         assert!(s.fallback.is_none_or(|f| f < n && f != i), "{}", s.name);
         assert!(s.batch.max_bytes > 0, "{}", s.name);
     }
-    let mut router = Router::new(
-        config
-            .routes
-            .iter()
-            .map(|r| r.patterns.iter().map(|p| Pattern::new(p)).collect())
-            .collect(),
-    );
+    let mut router = crate::route::Router::of(&config.routes);
     router.route("a.b");
     // {"log": "x"}
     let record = [0x81, 0xa3, b'l', b'o', b'g', 0xa1, b'x'];

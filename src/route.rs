@@ -210,6 +210,16 @@ impl Router {
         }
     }
 
+    /// The router of a config's routes.
+    pub fn of(routes: &[crate::config::Route]) -> Self {
+        Router::new(
+            routes
+                .iter()
+                .map(|r| r.patterns.iter().map(|p| Pattern::new(p)).collect())
+                .collect(),
+        )
+    }
+
     /// The index of the route for `tag`, if any matches.
     #[inline]
     pub fn route(&mut self, tag: &str) -> Option<usize> {

@@ -25,7 +25,7 @@ use crate::decode::{DecodeError, EventTime};
 use crate::emit::Delivered;
 use crate::metrics::{CoreCounters, ErrorCounts, InputCounters, Report, Reporter};
 use crate::ring::{Consumer, Producer};
-use crate::route::{Pattern, Router};
+use crate::route::Router;
 use crate::shards::ShardMap;
 
 /// A route as one core runs it.
@@ -149,12 +149,7 @@ struct DurableWait {
 
 impl Shard {
     pub fn new(core: usize, cfg: &Config, rings: Vec<CoreSink>) -> Self {
-        let router = Router::new(
-            cfg.routes
-                .iter()
-                .map(|r| r.patterns.iter().map(|p| Pattern::new(p)).collect())
-                .collect(),
-        );
+        let router = Router::of(&cfg.routes);
         let routes = cfg
             .routes
             .iter()
